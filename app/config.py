@@ -1,0 +1,150 @@
+"""Settings, read from the environment once at start and validated there."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low:g} and {high:g}, not {raw!r}")
+    return value
+
+
+def _master_key(name: str, raw: str) -> bytes:
+    raw = raw.strip()
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"{name} must be 64 hex characters (32 bytes), e.g. from `openssl rand -hex 32`")
+    return key
+
+
+def database_url(raw: str | None, instance_path: Path) -> str:
+    if not raw:
+        return f"sqlite:///{instance_path / 'connectors.sqlite3'}"
+    # Heroku still hands out the scheme SQLAlchemy 2 no longer accepts.
+    if raw.startswith("postgres://"):
+        raw = "postgresql://" + raw[len("postgres://") :]
+    if raw.startswith("postgresql://"):
+        raw = "postgresql+psycopg://" + raw[len("postgresql://") :]
+    return raw
+
+
+def _local_secrets(instance_path: Path) -> dict[str, str]:
+    """Development secrets generated once and shared by every local process."""
+    path = instance_path / "secrets.json"
+    instance_path.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another process may be writing it right now
+            text = path.read_text()
+            if text.strip():
+                return json.loads(text)
+            time.sleep(0.05)
+        raise ConfigError(f"{path} is empty: delete it and start again") from None
+    generated = {"JWT_SECRET_KEY": secrets.token_hex(32), "MASTER_KEY": secrets.token_hex(32)}
+    with os.fdopen(fd, "w") as handle:
+        json.dump(generated, handle)
+    log.warning(
+        "generated development JWT_SECRET_KEY and MASTER_KEY into %s; set them in the environment in production",
+        path,
+    )
+    return generated
+
+
+def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]:
+    """Flask config keys for this service, from `env`. Raises ConfigError naming the bad variable."""
+    app_env = env.get("APP_ENV", "development").strip().lower()
+    production = app_env == "production"
+
+    jwt_secret = env.get("JWT_SECRET_KEY", "").strip()
+    master_raw = env.get("MASTER_KEY", "").strip()
+    if production:
+        for name, value in (("JWT_SECRET_KEY", jwt_secret), ("MASTER_KEY", master_raw)):
+            if not value:
+                raise ConfigError(f"{name} is not set; it is required when APP_ENV=production")
+    elif not jwt_secret or not master_raw:
+        generated = _local_secrets(instance_path)
+        jwt_secret = jwt_secret or generated["JWT_SECRET_KEY"]
+        master_raw = master_raw or generated["MASTER_KEY"]
+    if len(jwt_secret) < 32:
+        raise ConfigError("JWT_SECRET_KEY must be at least 32 characters")
+
+    master_key = _master_key("MASTER_KEY", master_raw)
+    old_keys = [
+        _master_key("OLD_MASTER_KEYS", part) for part in env.get("OLD_MASTER_KEYS", "").split(",") if part.strip()
+    ]
+
+    redis_url = env.get("REDIS_URL", "").strip() or None
+    if redis_url and not redis_url.startswith(("redis://", "rediss://")):
+        raise ConfigError("REDIS_URL must start with redis:// or rediss://")
+    redis_cert_reqs = env.get("REDIS_SSL_CERT_REQS", "required").strip().lower()
+    if redis_cert_reqs not in {"required", "optional", "none"}:
+        raise ConfigError("REDIS_SSL_CERT_REQS must be required, optional or none")
+
+    test_timeout = _number(env, "TEST_DELIVERY_TIMEOUT", 20.0, 1.0, 300.0)
+    provider_timeout = _number(env, "PROVIDER_TIMEOUT", min(10.0, test_timeout / 2), 0.1, 300.0)
+    if provider_timeout >= test_timeout:
+        raise ConfigError("PROVIDER_TIMEOUT must be below TEST_DELIVERY_TIMEOUT")
+
+    log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
+    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+
+    return {
+        "APP_ENV": app_env,
+        "SQLALCHEMY_DATABASE_URI": database_url(env.get("DATABASE_URL", "").strip(), instance_path),
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        "REDIS_URL": redis_url,
+        "REDIS_SSL_CERT_REQS": redis_cert_reqs,
+        "JWT_SECRET_KEY": jwt_secret,
+        "MASTER_KEY": master_key,
+        "OLD_MASTER_KEYS": old_keys,
+        "TEST_DELIVERY_TIMEOUT": test_timeout,
+        "PROVIDER_TIMEOUT": provider_timeout,
+        "ALLOW_PRIVATE_DESTINATIONS": _bool(env, "ALLOW_PRIVATE_DESTINATIONS", False),
+        "TWILIO_API_BASE_URL": env.get("TWILIO_API_BASE_URL", "https://api.twilio.com").rstrip("/"),
+        "WHATSAPP_API_BASE_URL": env.get("WHATSAPP_API_BASE_URL", "https://graph.facebook.com").rstrip("/"),
+        "TELEGRAM_API_BASE_URL": env.get("TELEGRAM_API_BASE_URL", "https://api.telegram.org").rstrip("/"),
+        "MAX_CONTENT_LENGTH": int(_number(env, "MAX_BODY_BYTES", 64 * 1024, 1024, 10 * 1024 * 1024)),
+        "LOG_LEVEL": log_level,
+    }

@@ -1,0 +1,125 @@
+"""Connector operations. Each function owns its transaction."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from flask import current_app
+from marshmallow import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from app.auth.models import Host
+from app.auth.service import ensure_host, lock_host
+from app.connectors.models import Connector
+from app.connectors.schemas import load_config
+from app.crypto import Keyring, Sealed
+from app.errors import ConflictError, InvalidError, NotFoundError
+from app.extensions import db
+
+
+def keyring() -> Keyring:
+    return current_app.extensions["keyring"]
+
+
+def _seal(connector: Connector, config: dict[str, Any]) -> None:
+    sealed = keyring().seal(connector.host_id, connector.id, config)
+    connector.config_key_id, connector.config_sealed = sealed.key_id, sealed.ciphertext
+
+
+def open_config(connector: Connector) -> dict[str, Any]:
+    sealed = Sealed(connector.config_key_id, connector.config_sealed)
+    return keyring().open(connector.host_id, connector.id, sealed)
+
+
+def _duplicate(connector_type: str, name: str) -> ConflictError:
+    return ConflictError(f"A connector of type {connector_type} named {name!r} already exists")
+
+
+def list_connectors(host_id: uuid.UUID) -> list[Connector]:
+    query = (
+        select(Connector)
+        .where(Connector.host_id == host_id)
+        .order_by(Connector.priority, Connector.created_at, Connector.id)
+    )
+    return list(db.session.scalars(query))
+
+
+def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> Connector:
+    """The Host's connector; another Host's is as unknown as a missing one."""
+    connector = db.session.get(Connector, connector_id)
+    if connector is None or connector.host_id != host_id:
+        raise NotFoundError("Connector not found")
+    return connector
+
+
+def create_connector(host_id: uuid.UUID, data: dict[str, Any]) -> Connector:
+    ensure_host(host_id)
+    connector = Connector(
+        id=uuid.uuid4(), host_id=host_id, type=data["type"], name=data["name"], priority=data["priority"]
+    )
+    _seal(connector, data["config"])
+    db.session.add(connector)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        raise _duplicate(data["type"], data["name"]) from None
+    return connector
+
+
+def update_connector(host_id: uuid.UUID, connector_id: uuid.UUID, data: dict[str, Any]) -> Connector:
+    connector = get_connector(host_id, connector_id)
+    if "type" in data and data["type"] != connector.type:
+        raise InvalidError("The type of a connector cannot change", errors={"json": {"type": ["Cannot change."]}})
+    if "config" in data:
+        try:
+            config = load_config(connector.type, data["config"])
+        except ValidationError as exc:
+            raise InvalidError("Invalid config", errors={"json": {"config": exc.messages}}) from None
+        _seal(connector, config)
+        connector.is_verified = False  # the old test result says nothing of the new settings
+    if "name" in data:
+        connector.name = data["name"]
+    if "priority" in data:
+        connector.priority = data["priority"]
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        raise _duplicate(connector.type, data["name"]) from None
+    return connector
+
+
+def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
+    # Lock first, read after: every read below sees what the last delete committed.
+    lock_host(host_id)
+    try:
+        connector = get_connector(host_id, connector_id)
+    except NotFoundError:
+        db.session.rollback()
+        raise
+    host = db.session.get(Host, host_id, populate_existing=True)
+    remaining = db.session.scalar(select(func.count()).select_from(Connector).where(Connector.host_id == host_id))
+    if host is not None and host.will_active and remaining <= 1:
+        db.session.rollback()
+        raise ConflictError("Cannot delete the last connector while the will is active")
+    db.session.delete(connector)
+    db.session.commit()
+
+
+def reseal_all(batch_size: int = 500) -> int:
+    """Re-seal every connector not sealed under the current master key; returns how many."""
+    current = keyring().current_id
+    count = 0
+    while True:
+        rows = db.session.scalars(
+            select(Connector).where(Connector.config_key_id != current).limit(batch_size).with_for_update()
+        ).all()
+        if not rows:
+            return count
+        for connector in rows:
+            _seal(connector, open_config(connector))
+        db.session.commit()
+        count += len(rows)

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import uuid
+
+from flask.views import MethodView
+from flask_smorest import abort
+
+from app.auth import current_host_id, host_required
+from app.deliveries import service
+from app.deliveries.models import DeliveryAttempt
+from app.deliveries.schemas import AttemptListSchema, AttemptQuerySchema, SendTestResultSchema, SendTestSchema
+from app.errors import documents_errors
+from app.extensions import Blueprint, limiter
+
+blp = Blueprint("deliveries", __name__, url_prefix="/api/connectors", description="Test deliveries")
+
+FAILURE_STATUS = {"broker_unavailable": 503}
+
+
+@blp.route("/<uuid:connector_id>/test")
+class ConnectorTest(MethodView):
+    decorators = [host_required]
+
+    @limiter.limit("10 per hour")
+    @blp.arguments(SendTestSchema)
+    @blp.response(200, SendTestResultSchema)
+    @documents_errors(blp, 401, 404, 413, 429, 502, 503)
+    def post(self, data: dict, connector_id: uuid.UUID) -> dict:
+        """Send a test message through the connector and report how long the provider took"""
+        outcome = service.run_test(current_host_id(), connector_id, data["test_destination"])
+        if not outcome.success:
+            abort(
+                FAILURE_STATUS.get(outcome.error_code or "", 502),
+                message=outcome.message,
+                success=False,
+                error_code=outcome.error_code,
+            )
+        return {"success": True, "message": outcome.message, "delivery_time_ms": outcome.delivery_time_ms}
+
+
+@blp.route("/<uuid:connector_id>/deliveries")
+class ConnectorDeliveries(MethodView):
+    decorators = [host_required]
+
+    @blp.arguments(AttemptQuerySchema, location="query")
+    @blp.response(200, AttemptListSchema)
+    @documents_errors(blp, 401, 404)
+    def get(self, query: dict, connector_id: uuid.UUID) -> dict[str, list[DeliveryAttempt]]:
+        """The connector's test attempts, newest first"""
+        return {"deliveries": service.list_attempts(current_host_id(), connector_id, query["limit"])}

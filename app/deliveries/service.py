@@ -1,0 +1,190 @@
+"""Test deliveries: validate the destination, queue the job, wait for it, and keep the attempt log.
+
+The web side (`run_test`) and the worker side (`claim_attempt`, `finish_attempt`) meet only through the
+attempt row and the Celery result; no secret crosses the broker or the result backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from flask import current_app
+from marshmallow import ValidationError
+from sqlalchemy import select, update
+
+from app.connectors.models import Connector
+from app.connectors.schemas import e164, email_address
+from app.connectors.service import get_connector, open_config
+from app.deliveries.models import FAILED, PENDING, SENDING, SENT, TIMEOUT, DeliveryAttempt
+from app.errors import InvalidError
+from app.extensions import db
+from app.timeutil import utcnow
+from worker.providers.base import BROKER_UNAVAILABLE, PROVIDER_CAUSED, WORKER_ERROR
+from worker.providers.base import TIMEOUT as TIMEOUT_CODE
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "deliveries.send_test"
+TELEGRAM_CHAT = re.compile(r"^(-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31})$")
+SUCCESS_MESSAGE = "Test message sent successfully"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a test delivery came to; also the Celery result value, so it holds no secret."""
+
+    success: bool
+    message: str
+    delivery_time_ms: int | None = None
+    error_code: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def normalize_destination(connector_type: str, raw: str) -> str:
+    try:
+        if connector_type == "email":
+            return email_address(raw)
+        if connector_type in {"sms", "whatsapp"}:
+            return e164(raw)
+    except ValidationError as exc:
+        raise InvalidError("Invalid destination", errors={"json": {"test_destination": exc.messages}}) from None
+    value = raw.strip()
+    if not TELEGRAM_CHAT.match(value):
+        raise InvalidError(
+            "Invalid destination",
+            errors={"json": {"test_destination": ["Must be a numeric chat id or an @channelname."]}},
+        )
+    return value
+
+
+def mask(connector_type: str, destination: str) -> str:
+    """Enough to recognise a destination in the log, not enough to harvest it."""
+    if connector_type == "email":
+        local, _, domain = destination.rpartition("@")
+        return f"{local[:1]}***@{domain}"
+    if connector_type in {"sms", "whatsapp"}:
+        return destination[:3] + "*" * max(len(destination) - 5, 0) + destination[-2:]
+    if destination.startswith("@"):
+        return destination[:3] + "***"
+    return "*" * max(len(destination) - 3, 0) + destination[-3:]
+
+
+def _celery() -> Celery:
+    return current_app.extensions["celery"]
+
+
+def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) -> Outcome:
+    """Queue one test send on the connector's queue and wait for its outcome."""
+    connector = get_connector(host_id, connector_id)
+    destination = normalize_destination(connector.type, raw_destination)
+    attempt = DeliveryAttempt(id=uuid.uuid4(), connector_id=connector.id, destination=mask(connector.type, destination))
+    db.session.add(attempt)
+    db.session.commit()
+    attempt_id = attempt.id
+
+    timeout = current_app.config["TEST_DELIVERY_TIMEOUT"]
+    try:
+        # The expiry makes a job no worker started in time void: the caller has already seen a 502.
+        result = _celery().send_task(
+            TASK_NAME, args=[str(attempt_id), destination], queue=connector.type, expires=timeout
+        )
+    except Exception as exc:  # kombu raises several types when the broker is down
+        log.warning("could not queue test delivery %s: %s", attempt_id, type(exc).__name__)
+        outcome = Outcome(False, "the delivery queue is unavailable; try again shortly", error_code=BROKER_UNAVAILABLE)
+        _close_unstarted(attempt_id, FAILED, outcome)
+        return outcome
+
+    try:
+        value = result.get(timeout=timeout, interval=0.005, propagate=False)
+    except CeleryTimeout:
+        value = None
+    except Exception as exc:  # the result backend itself failed
+        log.warning("result backend failed for %s: %s", attempt_id, type(exc).__name__)
+        value = None
+    finally:
+        result.forget()
+
+    if isinstance(value, dict) and "success" in value:
+        return Outcome(**value)
+    if value is None:
+        outcome = Outcome(False, f"no worker answered within {timeout:g} s", error_code=TIMEOUT_CODE)
+        _close_unstarted(attempt_id, TIMEOUT, outcome)
+        return outcome
+    log.error("test delivery %s ended with an unexpected result type %s", attempt_id, type(value).__name__)
+    return Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
+
+
+def _close_unstarted(attempt_id: uuid.UUID, status: str, outcome: Outcome) -> None:
+    """Close an attempt no worker has claimed; a claimed one is left for its worker to finish."""
+    db.session.execute(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == PENDING)
+        .values(status=status, error_code=outcome.error_code, message=outcome.message, finished_at=utcnow())
+    )
+    db.session.commit()
+
+
+@dataclass(frozen=True)
+class Job:
+    connector_id: uuid.UUID
+    connector_type: str
+    config: dict[str, Any]
+
+
+def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
+    """Take a pending attempt for sending, once: a redelivered or expired job finds nothing to claim."""
+    claimed = db.session.execute(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == PENDING)
+        .values(status=SENDING)
+    )
+    db.session.commit()
+    if claimed.rowcount != 1:
+        return None
+    attempt = db.session.get(DeliveryAttempt, attempt_id)
+    connector = db.session.get(Connector, attempt.connector_id) if attempt else None
+    if connector is None:
+        return None
+    return Job(connector.id, connector.type, open_config(connector))
+
+
+def finish_attempt(attempt_id: uuid.UUID, connector_id: uuid.UUID, outcome: Outcome) -> None:
+    """Record the outcome; the provider's verdict decides is_verified, our own failures leave it be."""
+    db.session.execute(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == attempt_id)
+        .values(
+            status=SENT if outcome.success else FAILED,
+            error_code=outcome.error_code,
+            message=outcome.message,
+            delivery_time_ms=outcome.delivery_time_ms,
+            finished_at=utcnow(),
+        )
+    )
+    if outcome.success or outcome.error_code in PROVIDER_CAUSED:
+        db.session.execute(update(Connector).where(Connector.id == connector_id).values(is_verified=outcome.success))
+    db.session.commit()
+
+
+def list_attempts(host_id: uuid.UUID, connector_id: uuid.UUID, limit: int) -> list[DeliveryAttempt]:
+    get_connector(host_id, connector_id)
+    query = (
+        select(DeliveryAttempt)
+        .where(DeliveryAttempt.connector_id == connector_id)
+        .order_by(DeliveryAttempt.created_at.desc(), DeliveryAttempt.id.desc())
+        .limit(limit)
+    )
+    return list(db.session.scalars(query))
+
+
+def elapsed_ms(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)

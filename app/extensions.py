@@ -1,0 +1,71 @@
+"""Extension singletons, bound to the app in `create_app`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flask_smorest
+from flask import Flask, Request
+from flask_jwt_extended import JWTManager, get_jwt_identity, verify_jwt_in_request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_migrate import Migrate
+from flask_smorest import Api, abort
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import MetaData
+from sqlalchemy.orm import DeclarativeBase
+from webargs.flaskparser import FlaskParser, is_json_request
+
+
+class Base(DeclarativeBase):
+    # Named constraints keep Alembic migrations identical on SQLite and PostgreSQL.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class BadRequestParser(FlaskParser):
+    """The contract says validation errors are 400, not webargs' default 422."""
+
+    DEFAULT_VALIDATION_STATUS = 400
+
+    def _raw_load_json(self, req: Request) -> Any:
+        # webargs would treat a non-JSON body as absent and report missing fields; say what is wrong.
+        if not is_json_request(req):
+            abort(400, message="Content-Type must be application/json")
+        return super()._raw_load_json(req)
+
+
+class Blueprint(flask_smorest.Blueprint):
+    ARGUMENTS_PARSER = BadRequestParser()
+
+
+def rate_limit_key() -> str:
+    """Limits count per Host; a request without a valid token counts against its address."""
+    try:
+        verify_jwt_in_request(optional=True)
+        identity = get_jwt_identity()
+    except Exception:  # the view itself answers 401 for a bad token
+        identity = None
+    return f"host:{identity}" if identity else f"addr:{get_remote_address()}"
+
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+api = Api()
+jwt = JWTManager()
+limiter = Limiter(key_func=rate_limit_key)
+
+
+def init_extensions(app: Flask) -> None:
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(app.config["MIGRATIONS_DIR"]), compare_type=True)
+    jwt.init_app(app)
+    limiter.init_app(app)
+    api.init_app(app)

@@ -1,0 +1,335 @@
+"""Real protocol peers on loopback: an SMTP server and HTTP servers speaking Twilio, WhatsApp Cloud and Telegram.
+
+Each records what it receives and can be told to answer: ok, auth (bad credentials), reject (the recipient),
+error (a 5xx), or slow (longer than the provider timeout).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+SLOW_SECONDS = 3.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Peer:
+    mode: str = "ok"
+    received: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    credentials: dict[str, str] = field(default_factory=dict)
+
+    def record(self, item: dict[str, Any]) -> None:
+        with self.lock:
+            self.received.append(item)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.received.clear()
+            self.mode = "ok"
+
+    def wait_for(self, count: int, seconds: float = 5.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and len(self.received) < count:
+            time.sleep(0.01)
+        return list(self.received)
+
+
+# --- SMTP -------------------------------------------------------------------------------------------------
+
+
+class _SmtpHandler:
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802, ANN001, ANN201
+        if self.peer.mode == "reject":
+            return "550 5.1.1 No such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001, ANN201
+        if self.peer.mode == "slow":
+            import asyncio
+
+            await asyncio.sleep(SLOW_SECONDS)
+        if self.peer.mode == "error":
+            return "451 4.3.0 Local error in processing"
+        self.peer.record(
+            {
+                "mail_from": envelope.mail_from,
+                "rcpt_tos": list(envelope.rcpt_tos),
+                "data": envelope.content.decode("utf-8", "replace"),
+                "tls": session.ssl is not None,
+                "login": session.login_data.decode() if isinstance(session.login_data, bytes) else session.login_data,
+            }
+        )
+        return "250 Message accepted"
+
+
+class SmtpPeer(Peer):
+    def __init__(self, username: str, password: str, tls_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(credentials={"username": username, "password": password})
+        self.port = free_port()
+        peer = self
+
+        def authenticator(server, session, envelope, mechanism, auth_data):  # noqa: ANN001, ANN202
+            ok = (
+                isinstance(auth_data, LoginPassword)
+                and auth_data.login.decode() == peer.credentials["username"]
+                and auth_data.password.decode() == peer.credentials["password"]
+                and peer.mode != "auth"
+            )
+            return AuthResult(success=ok, auth_data=auth_data.login if ok else None)
+
+        self.controller = Controller(
+            _SmtpHandler(self),
+            hostname="127.0.0.1",
+            port=self.port,
+            authenticator=authenticator,
+            auth_required=True,
+            auth_require_tls=tls_context is not None,
+            require_starttls=tls_context is not None,
+            tls_context=tls_context,
+        )
+
+    def start(self) -> SmtpPeer:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost, to be trusted through SSL_CERT_FILE."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "peer-cert.pem", directory / "peer-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+# --- HTTP peers -------------------------------------------------------------------------------------------
+
+
+class HttpPeer(Peer):
+    """Base for the HTTP providers: subclasses implement `answer(method, path, headers, body)`."""
+
+    def __init__(self, **credentials: str) -> None:
+        super().__init__(credentials=credentials)
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if peer.mode == "slow":
+                    time.sleep(SLOW_SECONDS)
+                status, payload = peer.answer(self.command, self.path, self.headers, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _handle  # noqa: N815
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> HttpPeer:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        raise NotImplementedError
+
+
+class TwilioPeer(HttpPeer):
+    """POST /2010-04-01/Accounts/{AccountSid}/Messages.json, HTTP basic auth with the API key."""
+
+    PATH = re.compile(r"^/2010-04-01/Accounts/(AC[0-9a-fA-F]{32})/Messages\.json$")
+
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        match = self.PATH.match(path)
+        if method != "POST" or not match:
+            return 404, {"code": 20404, "message": "The requested resource was not found", "status": 404}
+        auth = headers.get("Authorization", "")
+        user, _, secret = base64.b64decode(auth.removeprefix("Basic ")).decode().partition(":") if auth else ("", "", "")
+        good = (
+            user == self.credentials["api_key_sid"]
+            and secret == self.credentials["api_key_secret"]
+            and match.group(1) == self.credentials["account_sid"]
+        )
+        if not good or self.mode == "auth":
+            return 401, {"code": 20003, "message": "Authenticate", "more_info": "https://www.twilio.com/docs/errors/20003", "status": 401}
+        form = {key: values[0] for key, values in parse_qs(body.decode()).items()}
+        if self.mode == "reject":
+            return 400, {
+                "code": 21211,
+                "message": f"The 'To' number {form.get('To')} is not a valid phone number.",
+                "more_info": "https://www.twilio.com/docs/errors/21211",
+                "status": 400,
+            }
+        if self.mode == "error":
+            return 500, {"code": 20500, "message": "Internal Server Error", "status": 500}
+        self.record({"to": form.get("To"), "from": form.get("From"), "body": form.get("Body"), "account": match.group(1)})
+        sid = "SM" + "0" * 32
+        return 201, {
+            "sid": sid,
+            "account_sid": match.group(1),
+            "to": form.get("To"),
+            "from": form.get("From"),
+            "body": form.get("Body"),
+            "status": "queued",
+            "num_segments": "1",
+            "direction": "outbound-api",
+            "api_version": "2010-04-01",
+            "date_created": "Fri, 27 Nov 2026 10:00:00 +0000",
+            "uri": f"/2010-04-01/Accounts/{match.group(1)}/Messages/{sid}.json",
+        }
+
+
+class WhatsAppPeer(HttpPeer):
+    """POST /{version}/{phone_number_id}/messages with a bearer access token."""
+
+    PATH = re.compile(r"^/(v[0-9]+\.[0-9]+)/([0-9]+)/messages$")
+
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        match = self.PATH.match(path)
+        if method != "POST" or not match:
+            return 404, {"error": {"message": "Unknown path components", "type": "OAuthException", "code": 2500}}
+        token = headers.get("Authorization", "").removeprefix("Bearer ")
+        if token != self.credentials["access_token"] or self.mode == "auth":
+            return 401, {
+                "error": {
+                    "message": "Invalid OAuth access token - Cannot parse access token",
+                    "type": "OAuthException",
+                    "code": 190,
+                    "fbtrace_id": "Atrace",
+                }
+            }
+        if match.group(2) != self.credentials["phone_number_id"]:
+            return 400, {"error": {"message": "Unsupported post request", "type": "GraphMethodException", "code": 100}}
+        payload = json.loads(body or b"{}")
+        if self.mode == "reject":
+            return 400, {
+                "error": {
+                    "message": "(#131030) Recipient phone number not in allowed list",
+                    "type": "OAuthException",
+                    "code": 131030,
+                    "fbtrace_id": "Atrace",
+                }
+            }
+        if self.mode == "error":
+            return 500, {"error": {"message": "An unknown error occurred", "type": "OAuthException", "code": 1}}
+        self.record({"version": match.group(1), "phone_number_id": match.group(2), **payload})
+        return 200, {
+            "messaging_product": "whatsapp",
+            "contacts": [{"input": payload.get("to"), "wa_id": payload.get("to")}],
+            "messages": [{"id": "wamid.HBgLMTY1MDM4Nzk0MzkVAgARGBI"}],
+        }
+
+
+class TelegramPeer(HttpPeer):
+    """POST /bot{token}/{method} of the Bot API: getMe and sendMessage."""
+
+    PATH = re.compile(r"^/bot([^/]+)/(\w+)$")
+
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        match = self.PATH.match(path)
+        if not match:
+            return 404, {"ok": False, "error_code": 404, "description": "Not Found"}
+        token, api_method = match.groups()
+        if token != self.credentials["bot_token"] or self.mode == "auth":
+            return 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}
+        if headers.get("Content-Type", "").startswith("application/json"):
+            params = json.loads(body or b"{}")
+        else:
+            params = {key: values[0] for key, values in parse_qs(body.decode()).items()}
+        bot_id = int(token.partition(":")[0])
+        if api_method == "getMe":
+            return 200, {"ok": True, "result": {"id": bot_id, "is_bot": True, "first_name": "Test", "username": "test_bot"}}
+        if api_method != "sendMessage":
+            return 404, {"ok": False, "error_code": 404, "description": "Not Found: method not found"}
+        if self.mode == "reject":
+            return 400, {"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}
+        if self.mode == "error":
+            return 500, {"ok": False, "error_code": 500, "description": "Internal Server Error"}
+        self.record({"chat_id": str(params.get("chat_id")), "text": params.get("text")})
+        chat = str(params.get("chat_id"))
+        chat_obj: dict[str, Any] = (
+            {"id": -1001234567890, "type": "channel", "title": "c", "username": chat[1:]}
+            if chat.startswith("@")
+            else {"id": int(chat), "type": "private" if int(chat) > 0 else "group", "first_name": "S", "title": "g"}
+        )
+        return 200, {
+            "ok": True,
+            "result": {
+                "message_id": len(self.received),
+                "date": int(time.time()),
+                "chat": chat_obj,
+                "from": {"id": bot_id, "is_bot": True, "first_name": "Test"},
+                "text": params.get("text"),
+            },
+        }

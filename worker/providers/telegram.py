@@ -1,0 +1,58 @@
+"""Telegram through python-telegram-bot's `Bot.send_message`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from telegram import Bot
+from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError, TimedOut
+from telegram.request import HTTPXRequest
+
+from worker.providers.base import (
+    AUTH_FAILED,
+    DESTINATION_REJECTED,
+    PROVIDER_ERROR,
+    PROVIDER_UNREACHABLE,
+    DeliveryError,
+    OutgoingMessage,
+    Provider,
+)
+
+
+class TelegramProvider(Provider):
+    type = "telegram"
+    secret_fields = ("bot_token",)
+
+    def secrets(self, config: dict[str, Any]) -> list[str]:
+        token = str(config.get("bot_token") or "")
+        return [token, token.partition(":")[2]] if token else []
+
+    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
+        chat_id: int | str = int(destination) if destination.lstrip("-").isdigit() else destination
+        try:
+            asyncio.run(self._send(config["bot_token"], chat_id, message.text))
+        except InvalidToken:
+            raise DeliveryError(AUTH_FAILED, "Telegram rejected the bot token") from None
+        except Forbidden as exc:
+            raise DeliveryError(DESTINATION_REJECTED, f"Telegram: {exc.message}") from None
+        except BadRequest as exc:
+            raise DeliveryError(DESTINATION_REJECTED, f"Telegram: {exc.message}") from None
+        except TimedOut:
+            raise DeliveryError(PROVIDER_UNREACHABLE, "Telegram did not answer in time") from None
+        except RetryAfter as exc:
+            raise DeliveryError(PROVIDER_ERROR, f"Telegram: too many requests, retry after {exc.retry_after}") from None
+        except NetworkError:
+            raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach Telegram") from None
+        except TelegramError as exc:
+            raise DeliveryError(PROVIDER_ERROR, f"Telegram failed: {exc.message}") from None
+
+    async def _send(self, token: str, chat_id: int | str, text: str) -> None:
+        timeout = self.settings.timeout
+        request = HTTPXRequest(
+            connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout, pool_timeout=timeout
+        )
+        bot = Bot(token, base_url=f"{self.settings.telegram_base_url}/bot", request=request)
+        # `async with` runs getMe first, so a bad token is told apart from a bad chat.
+        async with bot:
+            await bot.send_message(chat_id=chat_id, text=text)
