@@ -2,13 +2,59 @@
 
 from __future__ import annotations
 
+import os
 import ssl
+import time
+import uuid
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from kombu import Queue
+from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.utils.json import dumps, loads
 
 from app.connectors.models import CONNECTOR_TYPES
+
+
+class _AtomicChannel(filesystem.Channel):
+    """kombu's filesystem channel, made safe for several processes.
+
+    Upstream writes a message file in place, so a polling worker can read it half-written, and moves taken
+    files to the system temp folder, which is a copy (not an atomic rename) across file systems. Here a
+    message appears only once complete (write, then rename), and a consumer takes it by renaming it
+    within the broker folder: exactly one consumer wins.
+    """
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        name = f"{time.monotonic_ns() // 1_000_000:015d}_{uuid.uuid4()}.{queue}.msg"
+        staging = os.path.join(self.data_folder_out, f".{name}.tmp")
+        with open(staging, "wb") as handle:
+            handle.write(dumps(payload).encode())
+        os.replace(staging, os.path.join(self.data_folder_out, name))
+
+    def _get(self, queue: str) -> Any:
+        suffix = f".{queue}.msg"
+        for name in sorted(os.listdir(self.data_folder_in)):
+            if name.startswith(".") or not name.endswith(suffix):
+                continue
+            taken = os.path.join(self.processed_folder, name)
+            try:
+                os.rename(os.path.join(self.data_folder_in, name), taken)
+            except OSError:
+                continue  # another consumer took it
+            with open(taken, "rb") as handle:
+                payload = handle.read()
+            os.remove(taken)
+            return loads(payload.decode())
+        raise Empty()
+
+
+class EmbeddedFilesystemTransport(filesystem.Transport):
+    Channel = _AtomicChannel
+
+
+TRANSPORT_ALIASES["embeddedfs"] = f"{__name__}:EmbeddedFilesystemTransport"
 
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
@@ -51,13 +97,12 @@ def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, 
     for folder in ("queue", "control", "processed"):
         (broker / folder).mkdir(parents=True, exist_ok=True)
     common.update(
-        broker_url="filesystem://localhost/",
+        broker_url="embeddedfs://localhost/",
         broker_transport_options={
             "data_folder_in": str(broker / "queue"),
             "data_folder_out": str(broker / "queue"),
             "control_folder": str(broker / "control"),
             "processed_folder": str(broker / "processed"),
-            "store_processed": False,
             "polling_interval": 0.01,
         },
         result_backend=f"db+sqlite:///{instance_path / 'celery-results.sqlite3'}",

@@ -68,7 +68,9 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
     started = Peers(
         smtp=SmtpPeer(SMTP_USER, SMTP_PASSWORD).start(),
         smtp_tls=SmtpPeer(SMTP_USER, SMTP_PASSWORD, tls_context=tls).start(),
-        twilio=TwilioPeer(api_key_sid=TWILIO_KEY_SID, api_key_secret=TWILIO_SECRET, account_sid=TWILIO_ACCOUNT_SID).start(),
+        twilio=TwilioPeer(
+            api_key_sid=TWILIO_KEY_SID, api_key_secret=TWILIO_SECRET, account_sid=TWILIO_ACCOUNT_SID
+        ).start(),
         whatsapp=WhatsAppPeer(access_token=WHATSAPP_TOKEN, phone_number_id=WHATSAPP_PHONE_ID).start(),
         telegram=TelegramPeer(bot_token=TELEGRAM_TOKEN).start(),
     )
@@ -118,7 +120,9 @@ def service_env(tmp_path_factory: pytest.TempPathFactory, peers: Peers) -> Itera
     os.environ.clear()
     os.environ.update(saved)
     if db_name:
-        admin = create_engine(TEST_DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT")
+        admin = create_engine(
+            TEST_DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+        )
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
         admin.dispose()

@@ -105,7 +105,7 @@ class SmtpPeer(Peer):
                 and auth_data.password.decode() == peer.credentials["password"]
                 and peer.mode != "auth"
             )
-            return AuthResult(success=ok, auth_data=auth_data.login if ok else None)
+            return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
         self.controller = Controller(
             _SmtpHandler(self),
@@ -140,9 +140,7 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -151,9 +149,7 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     cert_path, key_path = directory / "peer-cert.pem", directory / "peer-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
 
@@ -181,11 +177,14 @@ class HttpPeer(Peer):
                     time.sleep(SLOW_SECONDS)
                 status, payload = peer.answer(self.command, self.path, self.headers, body)
                 data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first (the slow mode's point)
 
             do_GET = do_POST = _handle  # noqa: N815
 
@@ -215,14 +214,21 @@ class TwilioPeer(HttpPeer):
         if method != "POST" or not match:
             return 404, {"code": 20404, "message": "The requested resource was not found", "status": 404}
         auth = headers.get("Authorization", "")
-        user, _, secret = base64.b64decode(auth.removeprefix("Basic ")).decode().partition(":") if auth else ("", "", "")
+        user, _, secret = (
+            base64.b64decode(auth.removeprefix("Basic ")).decode().partition(":") if auth else ("", "", "")
+        )
         good = (
             user == self.credentials["api_key_sid"]
             and secret == self.credentials["api_key_secret"]
             and match.group(1) == self.credentials["account_sid"]
         )
         if not good or self.mode == "auth":
-            return 401, {"code": 20003, "message": "Authenticate", "more_info": "https://www.twilio.com/docs/errors/20003", "status": 401}
+            return 401, {
+                "code": 20003,
+                "message": "Authenticate",
+                "more_info": "https://www.twilio.com/docs/errors/20003",
+                "status": 401,
+            }
         form = {key: values[0] for key, values in parse_qs(body.decode()).items()}
         if self.mode == "reject":
             return 400, {
@@ -233,7 +239,9 @@ class TwilioPeer(HttpPeer):
             }
         if self.mode == "error":
             return 500, {"code": 20500, "message": "Internal Server Error", "status": 500}
-        self.record({"to": form.get("To"), "from": form.get("From"), "body": form.get("Body"), "account": match.group(1)})
+        self.record(
+            {"to": form.get("To"), "from": form.get("From"), "body": form.get("Body"), "account": match.group(1)}
+        )
         sid = "SM" + "0" * 32
         return 201, {
             "sid": sid,
@@ -309,7 +317,10 @@ class TelegramPeer(HttpPeer):
             params = {key: values[0] for key, values in parse_qs(body.decode()).items()}
         bot_id = int(token.partition(":")[0])
         if api_method == "getMe":
-            return 200, {"ok": True, "result": {"id": bot_id, "is_bot": True, "first_name": "Test", "username": "test_bot"}}
+            return 200, {
+                "ok": True,
+                "result": {"id": bot_id, "is_bot": True, "first_name": "Test", "username": "test_bot"},
+            }
         if api_method != "sendMessage":
             return 404, {"ok": False, "error_code": 404, "description": "Not Found: method not found"}
         if self.mode == "reject":

@@ -63,7 +63,9 @@ def test_list_returns_only_the_callers_connectors_ordered_by_priority_then_creat
 
 def test_name_is_trimmed_and_priority_defaults_to_zero(client, host):
     response = client.post(
-        "/api/connectors", json={"type": "email", "name": "  Mail  ", "config": config_for("email")}, headers=host.headers
+        "/api/connectors",
+        json={"type": "email", "name": "  Mail  ", "config": config_for("email")},
+        headers=host.headers,
     )
     assert response.status_code == 201
     assert response.get_json()["name"] == "Mail" and response.get_json()["priority"] == 0
@@ -131,14 +133,21 @@ def test_invalid_config_fields_are_400_per_field(client, host, kind, overrides, 
 def test_each_required_email_field_is_required(client, host, missing):
     config = config_for("email")
     del config[missing]
-    response = client.post("/api/connectors", json={"type": "email", "name": "x", "config": config}, headers=host.headers)
+    response = client.post(
+        "/api/connectors", json={"type": "email", "name": "x", "config": config}, headers=host.headers
+    )
     assert response.status_code == 400
     assert missing in response.get_json()["errors"]["json"]["config"]
 
 
 @pytest.mark.parametrize(
     ("data", "content_type"),
-    [("{not json", "application/json"), ("[1, 2]", "application/json"), ("type=email", "application/x-www-form-urlencoded"), ('"str"', "application/json")],
+    [
+        ("{not json", "application/json"),
+        ("[1, 2]", "application/json"),
+        ("type=email", "application/x-www-form-urlencoded"),
+        ('"str"', "application/json"),
+    ],
 )
 def test_malformed_or_non_object_or_non_json_bodies_are_400(client, host, data, content_type):
     response = client.post("/api/connectors", data=data, content_type=content_type, headers=host.headers)
@@ -190,7 +199,9 @@ def test_update_cannot_change_type_and_must_change_something(client, host):
     created = create_connector(client, host, "email")
     assert client.put(f"/api/connectors/{created['id']}", json={"type": "sms"}, headers=host.headers).status_code == 400
     assert client.put(f"/api/connectors/{created['id']}", json={}, headers=host.headers).status_code == 400
-    same_type = client.put(f"/api/connectors/{created['id']}", json={"type": "email", "priority": 1}, headers=host.headers)
+    same_type = client.put(
+        f"/api/connectors/{created['id']}", json={"type": "email", "priority": 1}, headers=host.headers
+    )
     assert same_type.status_code == 200
 
 
@@ -252,7 +263,11 @@ def test_no_response_contains_a_secret_and_the_row_holds_only_ciphertext(app, cl
     for kind in ("email", "sms", "whatsapp", "telegram"):
         bodies.append(create_connector(client, host, kind))
     bodies.append(client.get("/api/connectors", headers=host.headers).get_data(as_text=True))
-    bodies.append(client.put(f"/api/connectors/{bodies[0]['id']}", json={"config": config_for("email")}, headers=host.headers).get_data(as_text=True))
+    bodies.append(
+        client.put(
+            f"/api/connectors/{bodies[0]['id']}", json={"config": config_for("email")}, headers=host.headers
+        ).get_data(as_text=True)
+    )
     text_of_responses = " ".join(str(body) for body in bodies)
     from app.extensions import db
 
@@ -272,7 +287,10 @@ def test_errors_are_json_everywhere(client, host):
     assert not_allowed.status_code == 405 and not_allowed.get_json()["code"] == 405
     assert "GET" in not_allowed.headers["Allow"]
     too_big = client.post(
-        "/api/connectors", data='{"name": "' + "x" * 70_000 + '"}', content_type="application/json", headers=host.headers
+        "/api/connectors",
+        data='{"name": "' + "x" * 70_000 + '"}',
+        content_type="application/json",
+        headers=host.headers,
     )
     assert too_big.status_code == 413 and too_big.get_json()["code"] == 413
 

@@ -7,6 +7,7 @@ settings they need, send one message, and either return or raise `DeliveryError`
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -83,7 +84,8 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
         if not secret:
             continue
         for form in {secret, quote(secret, safe=""), quote(secret)}:
-            text = text.replace(form, REDACTED)
+            # Case-insensitive: some client libraries re-case the provider's error text.
+            text = re.sub(re.escape(form), REDACTED, text, flags=re.IGNORECASE)
     return text
 
 

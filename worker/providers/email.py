@@ -72,11 +72,11 @@ class EmailProvider(Provider):
         pin = _PinnedSocket(self.settings.allow_private)
         context = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
         try:
+            # Constructing with host and port connects, and keeps the name for TLS certificate checks.
             if security == "ssl":
-                client: smtplib.SMTP = _SMTPSSL(pin, context=context, timeout=timeout)
+                client: smtplib.SMTP = _SMTPSSL(pin, host=host, port=port, context=context, timeout=timeout)
             else:
-                client = _SMTP(pin, timeout=timeout)
-            client.connect(host, port)
+                client = _SMTP(pin, host=host, port=port, timeout=timeout)
         except DeliveryError:
             raise
         except TimeoutError:

@@ -42,8 +42,11 @@ class TelegramProvider(Provider):
             raise DeliveryError(PROVIDER_UNREACHABLE, "Telegram did not answer in time") from None
         except RetryAfter as exc:
             raise DeliveryError(PROVIDER_ERROR, f"Telegram: too many requests, retry after {exc.retry_after}") from None
-        except NetworkError:
-            raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach Telegram") from None
+        except NetworkError as exc:
+            # PTB raises NetworkError both for a failed connection (from httpx) and for a 5xx answer.
+            if exc.__cause__ is not None:
+                raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach Telegram") from None
+            raise DeliveryError(PROVIDER_ERROR, f"Telegram failed: {exc.message}") from None
         except TelegramError as exc:
             raise DeliveryError(PROVIDER_ERROR, f"Telegram failed: {exc.message}") from None
 
