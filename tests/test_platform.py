@@ -1,0 +1,190 @@
+"""Settings, sealed secrets and key rotation, migrations, and the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+
+from app import create_app
+from app.config import ConfigError, database_url
+from tests.conftest import ROOT, SMTP_PASSWORD, create_connector
+
+# --- settings ---------------------------------------------------------------------------------------------
+
+
+def _env(tmp_path: Path, **values: str) -> dict[str, str]:
+    return {"INSTANCE_PATH": str(tmp_path), **values}
+
+
+@pytest.mark.parametrize("missing", ["JWT_SECRET_KEY", "MASTER_KEY"])
+def test_production_refuses_to_start_without_its_secrets_and_names_the_variable(tmp_path, missing):
+    env = _env(tmp_path, APP_ENV="production", JWT_SECRET_KEY="j" * 40, MASTER_KEY="22" * 32)
+    del env[missing]
+    with pytest.raises(ConfigError, match=missing):
+        create_app(env=env)
+
+
+def test_production_refusal_is_a_clear_exit_of_the_cli(tmp_path):
+    env = {"PATH": str(Path(sys.executable).parent), "APP_ENV": "production", "INSTANCE_PATH": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "db", "current"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "JWT_SECRET_KEY is not set" in result.stderr
+
+
+def test_development_generates_secrets_once_and_reuses_them(tmp_path, caplog):
+    first = create_app(env=_env(tmp_path))
+    assert "generated development JWT_SECRET_KEY and MASTER_KEY" in caplog.text
+    second = create_app(env=_env(tmp_path))
+    assert first.config["JWT_SECRET_KEY"] == second.config["JWT_SECRET_KEY"]
+    assert first.config["MASTER_KEY"] == second.config["MASTER_KEY"]
+    assert (tmp_path / "secrets.json").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MASTER_KEY", "abc"),
+        ("OLD_MASTER_KEYS", "33" * 32 + ",zz"),
+        ("JWT_SECRET_KEY", "short"),
+        ("TEST_DELIVERY_TIMEOUT", "soon"),
+        ("PROVIDER_TIMEOUT", "30"),
+        ("ALLOW_PRIVATE_DESTINATIONS", "perhaps"),
+        ("REDIS_URL", "http://redis"),
+        ("LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_malformed_settings_fail_fast_naming_the_variable(tmp_path, variable, value):
+    env = _env(tmp_path, JWT_SECRET_KEY="j" * 40, MASTER_KEY="22" * 32)
+    env[variable] = value
+    with pytest.raises(ConfigError, match=variable):
+        create_app(env=env)
+
+
+def test_heroku_postgres_urls_are_accepted(tmp_path):
+    assert database_url("postgres://u:p@h:5432/d", tmp_path) == "postgresql+psycopg://u:p@h:5432/d"
+    assert database_url("postgresql://u@h/d", tmp_path) == "postgresql+psycopg://u@h/d"
+    assert database_url(None, tmp_path).startswith("sqlite:///")
+
+
+# --- sealing and rotation -----------------------------------------------------------------------------------
+
+
+def test_a_sealed_config_does_not_open_on_another_row(app, client, host):
+    from app.connectors import service
+    from app.connectors.models import Connector
+    from app.crypto import SealError
+    from app.extensions import db
+
+    first = create_connector(client, host, "email", "one")
+    second = create_connector(client, host, "email", "two")
+    with app.app_context():
+        a = db.session.get(Connector, uuid.UUID(first["id"]))
+        b = db.session.get(Connector, uuid.UUID(second["id"]))
+        assert service.open_config(a)["password"] == SMTP_PASSWORD
+        b.config_sealed, b.config_key_id = a.config_sealed, a.config_key_id
+        with pytest.raises(SealError):
+            service.open_config(b)
+        db.session.rollback()
+
+
+def test_rotation_old_keys_still_open_and_reseal_moves_every_row_to_the_new_key(app, client, host, service_env):
+    from app.connectors import service
+    from app.connectors.models import Connector
+    from app.crypto import SealError
+    from app.extensions import db
+
+    created = [create_connector(client, host, kind) for kind in ("email", "sms", "telegram")]
+    new_key = "44" * 32
+    rotated = create_app(env={**service_env, "MASTER_KEY": new_key, "OLD_MASTER_KEYS": service_env["MASTER_KEY"]})
+    with rotated.app_context():
+        row = db.session.get(Connector, uuid.UUID(created[0]["id"]))
+        assert service.open_config(row)["password"] == SMTP_PASSWORD  # opened with the old key
+        db.session.rollback()
+
+    result = rotated.test_cli_runner().invoke(args=["reseal-configs"])
+    assert result.exit_code == 0 and "re-sealed 3 connector(s)" in result.output
+
+    only_new = create_app(env={**service_env, "MASTER_KEY": new_key})
+    with only_new.app_context():
+        rows = db.session.query(Connector).all()
+        assert {r.config_key_id for r in rows} == {only_new.extensions["keyring"].current_id}
+        assert service.open_config(rows[0])  # opens without the old key
+    with app.app_context():  # the old key alone no longer opens them
+        with pytest.raises(SealError):
+            service.open_config(db.session.query(Connector).first())
+        db.session.rollback()
+
+
+# --- migrations ---------------------------------------------------------------------------------------------
+
+
+def test_models_and_migrations_agree(app):
+    from app.extensions import db
+
+    with app.app_context(), db.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
+    assert differences == []
+
+
+def test_migrations_are_at_head(app):
+    from app.extensions import db
+
+    with app.app_context():
+        version = db.session.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    heads = [p.stem.split("_")[0] for p in (ROOT / "migrations" / "versions").glob("*.py")]
+    assert version in heads
+
+
+# --- OpenAPI ------------------------------------------------------------------------------------------------
+
+
+def test_openapi_documents_every_endpoint_status_and_the_bearer_scheme(client):
+    spec = client.get("/openapi.json").get_json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+    }
+    assert spec["security"] == [{"bearerAuth": []}]
+    paths = spec["paths"]
+    expected = {
+        ("/api/connectors", "get"): {"200", "401", "429"},
+        ("/api/connectors", "post"): {"201", "400", "401", "409", "413", "429"},
+        ("/api/connectors/{connector_id}", "put"): {"200", "400", "401", "404", "409"},
+        ("/api/connectors/{connector_id}", "delete"): {"204", "401", "404", "409"},
+        ("/api/connectors/{connector_id}/test", "post"): {"200", "400", "401", "404", "429", "502", "503"},
+        ("/api/connectors/{connector_id}/deliveries", "get"): {"200", "400", "401", "404"},
+        ("/api/internal/hosts/{host_id}/will", "put"): {"200", "400", "401", "403"},
+        ("/api/health", "get"): {"200"},
+        ("/api/health/ready", "get"): {"200", "503"},
+    }
+    for (path, method), statuses in expected.items():
+        operation = paths[path][method]
+        assert statuses <= set(operation["responses"]), (path, method, set(operation["responses"]))
+        assert operation["summary"], (path, method)
+    assert paths["/api/health"]["get"]["security"] == []
+    create_body = paths["/api/connectors"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert create_body["$ref"].endswith("ConnectorCreate")
+    connector = spec["components"]["schemas"]["Connector"]["properties"]
+    assert set(connector) == {"id", "type", "name", "is_verified", "priority", "created_at"}
+
+
+def test_swagger_ui_is_served(client):
+    response = client.get("/docs")
+    assert response.status_code == 200
+    assert "swagger" in response.get_data(as_text=True).lower()
+    assert json.loads(client.get("/openapi.json").get_data())["info"]["title"] == "BAPBA Connectors API"
