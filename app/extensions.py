@@ -39,7 +39,10 @@ class BadRequestParser(FlaskParser):
         # webargs would treat a non-JSON body as absent and report missing fields; say what is wrong.
         if not is_json_request(req):
             abort(400, message="Content-Type must be application/json")
-        return super()._raw_load_json(req)
+        try:
+            return super()._raw_load_json(req)
+        except RecursionError:  # deeply nested JSON within the size limit
+            abort(400, message="JSON body is nested too deeply")
 
 
 class Blueprint(flask_smorest.Blueprint):

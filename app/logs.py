@@ -17,7 +17,7 @@ from flask import Flask, Response, g, request
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # Libraries that log request URLs or bodies at INFO/DEBUG; a Telegram URL carries the bot token.
-QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "telegram", "twilio", "hpack", "asyncio")
+QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "telegram", "twilio", "hpack", "asyncio", "sqlalchemy.engine")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Defence in depth: never let a bot token or a bearer credential through, whatever logged it.
 SECRET_PATTERNS = (

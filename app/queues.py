@@ -56,6 +56,9 @@ class EmbeddedFilesystemTransport(filesystem.Transport):
 
 TRANSPORT_ALIASES["embeddedfs"] = f"{__name__}:EmbeddedFilesystemTransport"
 
+# Fail fast when Redis is down: the caller is waiting on an HTTP request.
+FAIL_FAST = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
+
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
 
@@ -74,8 +77,7 @@ def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, 
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "broker_connection_retry_on_startup": True,
-        # Fail fast when the broker is down: the caller is waiting on an HTTP request.
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        "task_publish_retry_policy": FAIL_FAST,
     }
     redis_url = settings["REDIS_URL"]
     if redis_url:
@@ -83,7 +85,9 @@ def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, 
         common.update(
             broker_url=redis_url,
             result_backend=redis_url,
-            broker_transport_options={**timeouts, "retry_on_timeout": True},
+            broker_transport_options={**timeouts, **FAIL_FAST},
+            # Celery's default retries a lost result store for ~20 s; a waiting HTTP request cannot.
+            result_backend_transport_options={"retry_policy": FAIL_FAST},
             redis_socket_connect_timeout=3,
             redis_socket_timeout=10,
             redis_backend_health_check_interval=10,

@@ -191,7 +191,13 @@ def worker(app: Flask, service_env: dict[str, str], tmp_path_factory: pytest.Tem
 
 @pytest.fixture(autouse=True)
 def clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
+    # The limiter is one object bound to the last app built; tests that build other apps must not keep it.
+    from app.extensions import limiter
+
+    limiter_state = vars(limiter).copy()
     yield
+    vars(limiter).clear()
+    vars(limiter).update(limiter_state)
     if "app" not in request.fixturenames:
         return
     flask_app: Flask = request.getfixturevalue("app")

@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
 from flask import current_app
 from marshmallow import ValidationError
 from sqlalchemy import select, update
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 TASK_NAME = "deliveries.send_test"
 TELEGRAM_CHAT = re.compile(r"^(-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31})$")
 SUCCESS_MESSAGE = "Test message sent successfully"
+RESULT_POLL_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,7 @@ def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) 
         return outcome
 
     try:
-        value = result.get(timeout=timeout, interval=0.005, propagate=False)
-    except CeleryTimeout:
-        value = None
+        value = _wait(result, timeout)
     except Exception as exc:  # the result backend itself failed
         log.warning("result backend failed for %s: %s", attempt_id, type(exc).__name__)
         value = None
@@ -121,6 +121,23 @@ def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) 
         return outcome
     log.error("test delivery %s ended with an unexpected result type %s", attempt_id, type(value).__name__)
     return Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
+
+
+def _wait(result: AsyncResult, timeout: float) -> Any:
+    """The task's return value, or None once `timeout` seconds of wall-clock time have passed."""
+    if result.backend.is_async:  # Redis: pub/sub, woken by the result itself
+        try:
+            return result.get(timeout=timeout, propagate=False)
+        except CeleryTimeout:
+            return None
+    # Polling backends (the embedded SQLite one) count their timeout in sleep intervals, not in elapsed
+    # time, so a slow poll stretches it; keep our own deadline.
+    deadline = time.monotonic() + timeout
+    while not result.ready():
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(RESULT_POLL_SECONDS)
+    return result.get(propagate=False)
 
 
 def _close_unstarted(attempt_id: uuid.UUID, status: str, outcome: Outcome) -> None:
