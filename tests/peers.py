@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-SLOW_SECONDS = 3.0
+SLOW_SECONDS = 4.0
 
 
 def free_port() -> int:
