@@ -7,11 +7,12 @@ import time
 import uuid
 from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
 from flask import current_app
 
 from app.deliveries import service as deliveries
 from app.deliveries.service import SUCCESS_MESSAGE, Outcome
+from app.logs import request_id_var
 from worker.providers import build_provider
 from worker.providers.base import WORKER_ERROR, DeliveryError, OutgoingMessage, ProviderSettings, scrub
 
@@ -35,13 +36,18 @@ def provider_settings() -> ProviderSettings:
     )
 
 
-@shared_task(name=deliveries.TASK_NAME)
-def send_test(attempt_id: str, destination: str) -> dict[str, Any]:
+@shared_task(name=deliveries.TASK_NAME, bind=True)
+def send_test(task: Task, attempt_id: str, destination: str, request_id: str | None = None) -> dict[str, Any]:
+    request_id_var.set(request_id)  # the web request's id, in every line this task logs
+    started_task = time.perf_counter()
     attempt_uuid = uuid.UUID(attempt_id)
     job = deliveries.claim_attempt(attempt_uuid)
     if job is None:
-        log.info("test delivery %s already claimed or closed; not sending", attempt_id)
-        return Outcome(False, "this test was already handled", error_code=WORKER_ERROR).as_dict()
+        outcome = Outcome(
+            False, "this test was already started or closed; it is not sent twice", error_code=WORKER_ERROR
+        )
+        _log_task(task, attempt_id, None, "skipped", started_task)
+        return outcome.as_dict()
 
     provider = build_provider(job.connector_type, provider_settings())
     started = time.perf_counter()
@@ -55,10 +61,24 @@ def send_test(attempt_id: str, destination: str) -> dict[str, Any]:
     else:
         outcome = Outcome(True, SUCCESS_MESSAGE, delivery_time_ms=deliveries.elapsed_ms(started))
     deliveries.finish_attempt(attempt_uuid, job.connector_id, outcome)
-    log.info(
-        "test delivery %s via %s: %s",
-        attempt_id,
-        job.connector_type,
-        "sent" if outcome.success else outcome.error_code,
-    )
+    _log_task(task, attempt_id, job.connector_id, "sent" if outcome.success else str(outcome.error_code), started_task)
     return outcome.as_dict()
+
+
+def _log_task(task: Task, attempt_id: str, connector_id: uuid.UUID | None, outcome: str, started: float) -> None:
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    log.info(
+        "test delivery %s: %s",
+        attempt_id,
+        outcome,
+        extra={
+            "fields": {
+                "task_id": task.request.id,
+                "attempt_id": attempt_id,
+                "connector_id": str(connector_id) if connector_id else None,
+                "queue": queue,
+                "outcome": outcome,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+        },
+    )

@@ -26,6 +26,7 @@ from app.connectors.service import get_connector, open_config
 from app.deliveries.models import FAILED, PENDING, SENDING, SENT, TIMEOUT, DeliveryAttempt
 from app.errors import InvalidError
 from app.extensions import db
+from app.logs import request_id_var
 from app.timeutil import utcnow
 from worker.providers.base import BROKER_UNAVAILABLE, PROVIDER_CAUSED, WORKER_ERROR
 from worker.providers.base import TIMEOUT as TIMEOUT_CODE
@@ -87,17 +88,23 @@ def _celery() -> Celery:
 def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) -> Outcome:
     """Queue one test send on the connector's queue and wait for its outcome."""
     connector = get_connector(host_id, connector_id)
-    destination = normalize_destination(connector.type, raw_destination)
-    attempt = DeliveryAttempt(id=uuid.uuid4(), connector_id=connector.id, destination=mask(connector.type, destination))
-    db.session.add(attempt)
+    connector_type = connector.type  # read before the commit below expires the instance
+    destination = normalize_destination(connector_type, raw_destination)
+    masked = mask(connector_type, destination)
+    attempt_id = uuid.uuid4()
+    db.session.add(DeliveryAttempt(id=attempt_id, connector_id=connector_id, destination=masked))
     db.session.commit()
-    attempt_id = attempt.id
 
     timeout = current_app.config["TEST_DELIVERY_TIMEOUT"]
     try:
         # The expiry makes a job no worker started in time void: the caller has already seen a 502.
         result = _celery().send_task(
-            TASK_NAME, args=[str(attempt_id), destination], queue=connector.type, expires=timeout
+            TASK_NAME,
+            args=[str(attempt_id), destination],
+            kwargs={"request_id": request_id_var.get()},
+            argsrepr=repr([str(attempt_id), masked]),  # worker logs show the masked destination
+            queue=connector_type,
+            expires=timeout,
         )
     except Exception as exc:  # kombu raises several types when the broker is down
         log.warning("could not queue test delivery %s: %s", attempt_id, type(exc).__name__)
