@@ -278,9 +278,7 @@ def test_without_a_worker_the_test_is_502_timeout_and_never_delivered_later(app,
     # A worker that starts afterwards finds the job expired (and its attempt closed): nothing is sent.
     worker = _start_worker_subprocess(lonely.config["SIBLING_ENV"], tmp_path / "late-worker.log")
     try:
-        deadline = time.monotonic() + 60
-        while not lonely.extensions["celery"].control.ping(timeout=0.5):
-            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "late-worker.log").read_text()
+        _wait_for_worker(lonely, worker, tmp_path / "late-worker.log")
         time.sleep(1.5)
     finally:
         worker.terminate()
@@ -309,6 +307,41 @@ def test_a_redelivered_job_does_not_send_a_second_message(app, client, host, pee
     assert outcome["success"] is False and "already" in outcome["message"]
     time.sleep(0.5)
     assert len(peers.smtp.received) == 1
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_worker_killed_mid_delivery_causes_no_second_message_and_a_clear_answer(app, host, peers, tmp_path):
+    sibling = _sibling_app(app, tmp_path)
+    http = sibling.test_client()
+    connector = create_connector(http, host, "email", peers=peers)
+    peers.smtp.mode = "slow"  # the server sits on the message, so the worker is killed while sending
+    first = _start_worker_subprocess(sibling.config["SIBLING_ENV"], tmp_path / "first-worker.log")
+    second = None
+    try:
+        _wait_for_worker(sibling, first, tmp_path / "first-worker.log")
+        answer: dict = {}
+        request = threading.Thread(target=lambda: answer.update(response=send_test(http, host, connector["id"])))
+        request.start()
+        deadline = time.monotonic() + 10
+        while _attempt_statuses(http, host, connector["id"]) != ["sending"]:
+            assert time.monotonic() < deadline, "the worker never started sending"
+            time.sleep(0.02)
+        first.kill()
+        first.wait(timeout=10)
+        second = _start_worker_subprocess(sibling.config["SIBLING_ENV"], tmp_path / "second-worker.log")
+        _wait_for_worker(sibling, second, tmp_path / "second-worker.log")
+        request.join(timeout=15)
+        response = answer["response"]
+        assert response.status_code == 502 and response.get_json()["error_code"] == "timeout"
+        time.sleep(peers_slow_seconds() + 0.5)  # long enough for any message in flight to land
+        assert len(peers.smtp.received) <= 1  # at most the one the killed worker had handed over
+        assert _attempt_statuses(http, host, connector["id"]) == ["timeout"]
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
+        app.extensions["celery"].set_default()
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -404,6 +437,23 @@ def test_bad_limits_are_400(client, host):
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
+
+
+def peers_slow_seconds() -> float:
+    from tests.peers import SLOW_SECONDS
+
+    return SLOW_SECONDS
+
+
+def _wait_for_worker(flask_app, process: subprocess.Popen, log_path: Path) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + 60
+    while not flask_app.extensions["celery"].control.ping(timeout=0.5):
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+
+
+def _attempt_statuses(http, host, connector_id: str) -> list[str]:  # noqa: ANN001
+    answer = http.get(f"/api/connectors/{connector_id}/deliveries", headers=host.headers).get_json()
+    return [attempt["status"] for attempt in answer["deliveries"]]
 
 
 def _closed_port() -> int:

@@ -148,10 +148,14 @@ def _wait(result: AsyncResult, timeout: float) -> Any:
 
 
 def _close_unstarted(attempt_id: uuid.UUID, status: str, outcome: Outcome) -> None:
-    """Close an attempt no worker has claimed; a claimed one is left for its worker to finish."""
+    """Close an attempt the caller stopped waiting for.
+
+    A pending one can no longer be claimed. A claimed one whose worker died would otherwise stay
+    `sending` forever; if its worker is alive and finishes after all, it records the real outcome.
+    """
     db.session.execute(
         update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == PENDING)
+        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status.in_([PENDING, SENDING]))
         .values(status=status, error_code=outcome.error_code, message=outcome.message, finished_at=utcnow())
     )
     db.session.commit()
