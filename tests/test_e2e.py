@@ -28,7 +28,20 @@ import redis
 import requests
 from sqlalchemy import create_engine, text
 
-from tests.conftest import TEST_DATABASE_URL, TEST_REDIS_URL, make_token
+from tests.conftest import (
+    SMTP_PASSWORD,
+    SMTP_USER,
+    TELEGRAM_TOKEN,
+    TEST_DATABASE_URL,
+    TEST_REDIS_URL,
+    TWILIO_ACCOUNT_SID,
+    TWILIO_KEY_SID,
+    TWILIO_SECRET,
+    WHATSAPP_PHONE_ID,
+    WHATSAPP_TOKEN,
+    config_for,
+    make_token,
+)
 from tests.peers import SmtpPeer, TelegramPeer, TwilioPeer, WhatsAppPeer, free_port
 
 pytestmark = pytest.mark.e2e
@@ -43,12 +56,6 @@ E2E_REDIS_DB = 7
 JWT_SECRET = "e2e-jwt-secret-" + "k3" * 20
 MASTER_KEY = "5a" * 32
 
-# One unique value per secret, so that a leak anywhere can be found by a plain search.
-SMTP_USER, SMTP_PASSWORD = "e2e-mailer", "e2e-smtp-pw-7c1f9a3b52"
-TWILIO_KEY_SID, TWILIO_SECRET = "SK" + "c" * 32, "e2e-twilio-secret-41d0e8b7c6"
-TWILIO_ACCOUNT_SID = "AC" + "d" * 32
-WHATSAPP_TOKEN, WHATSAPP_PHONE_ID = "EAAe2e-wa-token-9b3f6d0a18", "106540352242923"
-TELEGRAM_TOKEN = "7098765432:AAE2eTelegramSecret5c8d1f0b2e4a6Q7r"
 WRONG_SECRETS = {
     "email": {"password": "e2e-wrong-smtp-pw-0d7e31"},
     "sms": {"api_key_secret": "e2e-wrong-twilio-secret-6b2a90"},
@@ -126,35 +133,6 @@ def providers(e2e_peers: E2EPeers) -> Iterator[E2EPeers]:
     e2e_peers.reset()
     yield e2e_peers
     e2e_peers.reset()
-
-
-def config_for(kind: str, providers: E2EPeers, **overrides: Any) -> dict[str, Any]:
-    """A config of each type that reaches its loopback peer."""
-    configs: dict[str, dict[str, Any]] = {
-        "email": {
-            "smtp_host": "127.0.0.1",
-            "smtp_port": providers.smtp.port,
-            "username": SMTP_USER,
-            "password": SMTP_PASSWORD,
-            "from_address": "noreply@bapba.example",
-            "security": "none",
-        },
-        "sms": {
-            "provider": "twilio",
-            "api_key_sid": TWILIO_KEY_SID,
-            "api_key_secret": TWILIO_SECRET,
-            "account_sid": TWILIO_ACCOUNT_SID,
-            "from_number": "+14155550100",
-        },
-        "whatsapp": {
-            "provider": "whatsapp",
-            "access_token": WHATSAPP_TOKEN,
-            "phone_number_id": WHATSAPP_PHONE_ID,
-            "business_account_id": "987654321098765",
-        },
-        "telegram": {"provider": "telegram", "bot_token": TELEGRAM_TOKEN},
-    }
-    return {**configs[kind], **overrides}
 
 
 # --- the stack --------------------------------------------------------------------------------------------
