@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import flask_smorest
@@ -40,9 +41,15 @@ class BadRequestParser(FlaskParser):
         if not is_json_request(req):
             abort(400, message="Content-Type must be application/json")
         try:
-            return super()._raw_load_json(req)
+            data = super()._raw_load_json(req)
         except RecursionError:  # deeply nested JSON within the size limit
             abort(400, message="JSON body is nested too deeply")
+        try:
+            # JSON may escape lone surrogates ("\udfff"); no database or provider can take them.
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            abort(400, message="JSON body contains text that is not valid Unicode")
+        return data
 
 
 class Blueprint(flask_smorest.Blueprint):

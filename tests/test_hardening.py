@@ -506,3 +506,33 @@ def _db_id(app, connector_id: str) -> object:  # noqa: ANN001
     # SQLAlchemy's Uuid is a native uuid on PostgreSQL and 32 hex characters on SQLite.
     value = uuid.UUID(connector_id)
     return value if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql") else value.hex
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [
+        ("sms", "api_key_sid", "SK" + "a" * 32 + "\n"),
+        ("sms", "account_sid", "AC" + "b" * 32 + "\n"),
+        ("whatsapp", "phone_number_id", "106540352242922\n"),
+        ("whatsapp", "api_version", "v24.0\n"),
+        ("telegram", "bot_token", "7012345678:AAHtgSecretToken4b2d9e8f1a3c5d7e\n"),
+    ],
+)
+def test_a_trailing_newline_does_not_pass_a_pattern(client, host, kind, field, value):
+    body = {"type": kind, "name": "x", "config": config_for(kind, **{field: value})}
+    response = client.post("/api/connectors", json=body, headers=host.headers)
+    assert response.status_code == 400
+    assert field in response.get_json()["errors"]["json"]["config"]
+
+
+@pytest.mark.parametrize("where", ["name", "config"])
+def test_lone_surrogates_are_a_clear_400(client, host, where):
+    name = '"\\udfff"' if where == "name" else '"ok"'
+    username = '"\\udfff"' if where == "config" else '"mailer"'
+    body = (
+        '{"type": "email", "name": ' + name + ', "config": {"smtp_host": "smtp.example.com", "smtp_port": 587, '
+        '"username": ' + username + ', "password": "p", "from_address": "a@example.org"}}'
+    )
+    response = client.post("/api/connectors", data=body, content_type="application/json", headers=host.headers)
+    assert response.status_code == 400
+    assert "not valid Unicode" in response.get_json()["message"]

@@ -24,6 +24,15 @@ from worker.providers.base import literal_host_blocked
 DEFAULT_WHATSAPP_API_VERSION = "v24.0"
 
 
+class FullMatch(validate.Regexp):
+    """Regexp on the whole value: `re.match` with `$` would let a trailing newline through."""
+
+    def __call__(self, value: str) -> str:
+        if not isinstance(value, str) or self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
+
+
 class StrictInteger(fields.Integer):
     """An integer in the JSON sense: no strings, floats or booleans."""
 
@@ -116,11 +125,11 @@ class SmsConfig(Schema):
     provider = fields.String(required=True, validate=validate.Equal("twilio"))
     api_key_sid = fields.String(
         required=True,
-        validate=validate.Regexp(r"^(SK|AC)[0-9a-fA-F]{32}$", error="Must be a Twilio SID: SK or AC and 32 hex."),
+        validate=FullMatch(r"^(SK|AC)[0-9a-fA-F]{32}$", error="Must be a Twilio SID: SK or AC and 32 hex."),
     )
     api_key_secret = _secret(256)
     account_sid = fields.String(
-        validate=validate.Regexp(r"^AC[0-9a-fA-F]{32}$", error="Must be a Twilio account SID: AC and 32 hex.")
+        validate=FullMatch(r"^AC[0-9a-fA-F]{32}$", error="Must be a Twilio account SID: AC and 32 hex.")
     )
     from_number = E164(required=True)
 
@@ -129,7 +138,7 @@ class WhatsAppConfig(Schema):
     class Meta:
         unknown = RAISE
 
-    digits = validate.Regexp(r"^[0-9]{1,32}$", error="Must be a string of digits.")
+    digits = FullMatch(r"^[0-9]{1,32}$", error="Must be a string of digits.")
 
     provider = fields.String(required=True, validate=validate.Equal("whatsapp"))
     access_token = _secret(4096)
@@ -137,13 +146,13 @@ class WhatsAppConfig(Schema):
     business_account_id = fields.String(required=True, validate=digits)
     api_version = fields.String(
         load_default=DEFAULT_WHATSAPP_API_VERSION,
-        validate=validate.Regexp(r"^v[0-9]{1,3}\.[0-9]{1,3}$", error="Must look like v24.0."),
+        validate=FullMatch(r"^v[0-9]{1,3}\.[0-9]{1,3}$", error="Must look like v24.0."),
     )
     template_name = fields.String(
-        validate=validate.Regexp(r"^[a-z0-9_]{1,512}$", error="Lower-case letters, digits and underscores.")
+        validate=FullMatch(r"^[a-z0-9_]{1,512}$", error="Lower-case letters, digits and underscores.")
     )
     template_language = fields.String(
-        validate=validate.Regexp(r"^[a-z]{2,3}(_[A-Z]{2})?$", error="Must look like en or en_US.")
+        validate=FullMatch(r"^[a-z]{2,3}(_[A-Z]{2})?$", error="Must look like en or en_US.")
     )
 
 
@@ -155,7 +164,7 @@ class TelegramConfig(Schema):
     bot_token = fields.String(
         required=True,
         load_only=True,
-        validate=validate.Regexp(
+        validate=FullMatch(
             r"^[0-9]{3,20}:[A-Za-z0-9_-]{20,100}$", error="Must be a Telegram bot token: <digits>:<token>."
         ),
     )

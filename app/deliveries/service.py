@@ -34,7 +34,7 @@ from worker.providers.base import TIMEOUT as TIMEOUT_CODE
 log = logging.getLogger(__name__)
 
 TASK_NAME = "deliveries.send_test"
-TELEGRAM_CHAT = re.compile(r"^(-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31})$")
+TELEGRAM_CHAT = re.compile(r"-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31}")
 SUCCESS_MESSAGE = "Test message sent successfully"
 RESULT_POLL_SECONDS = 0.01
 
@@ -61,7 +61,7 @@ def normalize_destination(connector_type: str, raw: str) -> str:
     except ValidationError as exc:
         raise InvalidError("Invalid destination", errors={"json": {"test_destination": exc.messages}}) from None
     value = raw.strip()
-    if not TELEGRAM_CHAT.match(value):
+    if not TELEGRAM_CHAT.fullmatch(value):
         raise InvalidError(
             "Invalid destination",
             errors={"json": {"test_destination": ["Must be a numeric chat id or an @channelname."]}},

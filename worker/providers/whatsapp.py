@@ -12,6 +12,7 @@ import httpx
 
 from worker.providers.base import (
     AUTH_FAILED,
+    CONFIG_INVALID,
     DESTINATION_REJECTED,
     PROVIDER_ERROR,
     PROVIDER_UNREACHABLE,
@@ -52,6 +53,8 @@ class WhatsAppProvider(Provider):
             raise DeliveryError(PROVIDER_UNREACHABLE, "WhatsApp Cloud API did not answer in time") from None
         except httpx.HTTPError:
             raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach the WhatsApp Cloud API") from None
+        except httpx.InvalidURL:
+            raise DeliveryError(CONFIG_INVALID, "phone_number_id or api_version does not form a valid URL") from None
         if response.status_code == 200:
             try:
                 accepted = bool(response.json().get("messages"))
