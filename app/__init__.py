@@ -16,7 +16,7 @@ from app.crypto import Keyring
 from app.errors import register_error_handlers
 from app.extensions import api, db, init_extensions, jwt
 from app.logs import configure_logging, init_request_logging
-from app.queues import celery_settings
+from app.queues import celery_settings, redis_client_options
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +32,7 @@ def create_app(overrides: dict[str, Any] | None = None, env: dict[str, str] | No
         JWT_DECODE_ALGORITHMS=["HS256"],
         JWT_TOKEN_LOCATION=["headers"],
         RATELIMIT_STORAGE_URI=settings["REDIS_URL"] or "memory://",
+        RATELIMIT_STORAGE_OPTIONS=redis_client_options(settings),
         RATELIMIT_HEADERS_ENABLED=True,
         # Redis down must not take the CRUD endpoints with it: count in memory until it is back.
         RATELIMIT_IN_MEMORY_FALLBACK_ENABLED=True,

@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from app.connectors.models import CONNECTOR_TYPES
 from app.extensions import Blueprint, db
+from app.queues import redis_client_options
 
 blp = Blueprint("health", __name__, url_prefix="/api/health", description="Liveness and readiness")
 
@@ -47,7 +48,8 @@ def _check_redis() -> str | None:
     if not url:
         return None
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping()
+        options = redis_client_options(current_app.config)
+        redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1, **options).ping()
         return "ok"
     except Exception:
         return "down"

@@ -62,6 +62,13 @@ FAIL_FAST = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "inter
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
 
+def redis_client_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """Options every Redis client of the service needs: the TLS check for `rediss://` URLs."""
+    if (settings["REDIS_URL"] or "").startswith("rediss://"):
+        return {"ssl_cert_reqs": CERT_REQS[settings["REDIS_SSL_CERT_REQS"]]}
+    return {}
+
+
 def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, Any]:
     common: dict[str, Any] = {
         "include": ["worker.tasks"],
@@ -93,7 +100,7 @@ def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, 
             redis_backend_health_check_interval=10,
         )
         if redis_url.startswith("rediss://"):
-            tls = {"ssl_cert_reqs": CERT_REQS[settings["REDIS_SSL_CERT_REQS"]]}
+            tls = redis_client_options(settings)
             common.update(broker_use_ssl=tls, redis_backend_use_ssl=tls)
         return common
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "").strip()
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "").strip()
 
-JWT_SECRET = "test-jwt-secret-" + "j" * 32
+JWT_SECRET = "test-jwt-secret-" + "j" * 48  # 64 bytes: long enough for every HMAC size
 MASTER_KEY = "11" * 32
 
 # One unique value per secret field, so a leak anywhere can be found by plain search.

@@ -47,7 +47,6 @@ def _bad_tokens() -> dict[str, str]:
     }
 
 
-@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 @pytest.mark.parametrize("case", list(_bad_tokens()))
 @pytest.mark.parametrize(("method", "path"), ENDPOINTS)
 def test_bad_tokens_are_401_with_the_json_envelope(client, case, method, path):

@@ -74,6 +74,20 @@ def test_malformed_settings_fail_fast_naming_the_variable(tmp_path, variable, va
         create_app(env=env)
 
 
+def test_rediss_urls_carry_the_documented_certificate_setting_to_every_redis_client(tmp_path):
+    import ssl
+
+    env = _env(tmp_path, JWT_SECRET_KEY="j" * 40, MASTER_KEY="22" * 32, REDIS_URL="rediss://:pw@redis.example:6380")
+    strict = create_app(env=env)
+    assert strict.config["CELERY"]["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert strict.config["RATELIMIT_STORAGE_OPTIONS"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    heroku = create_app(env={**env, "REDIS_SSL_CERT_REQS": "none"})
+    assert heroku.config["CELERY"]["redis_backend_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}
+    assert heroku.config["RATELIMIT_STORAGE_OPTIONS"] == {"ssl_cert_reqs": ssl.CERT_NONE}
+    plain = create_app(env={**env, "REDIS_URL": "redis://redis.example:6379/0"})
+    assert "broker_use_ssl" not in plain.config["CELERY"] and plain.config["RATELIMIT_STORAGE_OPTIONS"] == {}
+
+
 def test_heroku_postgres_urls_are_accepted(tmp_path):
     assert database_url("postgres://u:p@h:5432/d", tmp_path) == "postgresql+psycopg://u:p@h:5432/d"
     assert database_url("postgresql://u@h/d", tmp_path) == "postgresql+psycopg://u@h/d"
