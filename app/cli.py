@@ -30,4 +30,10 @@ def register_commands(app: Flask) -> None:
     @app.cli.command("reseal-configs")
     def reseal_configs() -> None:
         """Re-seal every connector config under the current MASTER_KEY (after a rotation)."""
-        click.echo(f"re-sealed {reseal_all()} connector(s)")
+        count, unopenable = reseal_all()
+        click.echo(f"re-sealed {count} connector(s)")
+        if unopenable:
+            click.echo(
+                f"{len(unopenable)} connector(s) open with no known key: {', '.join(map(str, unopenable))}", err=True
+            )
+            raise SystemExit(1)

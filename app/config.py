@@ -103,6 +103,11 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
             if not value:
                 raise ConfigError(f"{name} is not set; it is required when APP_ENV=production")
     elif not jwt_secret or not master_raw:
+        if env.get("DATABASE_URL", "").strip():
+            # Generated keys live in one machine's instance folder: fine for the embedded SQLite default,
+            # fatal for a shared database that other processes (or the next deploy) must also open.
+            missing = "JWT_SECRET_KEY" if not jwt_secret else "MASTER_KEY"
+            raise ConfigError(f"{missing} is not set; it is required whenever DATABASE_URL is set")
         generated = _local_secrets(instance_path)
         jwt_secret = jwt_secret or generated["JWT_SECRET_KEY"]
         master_raw = master_raw or generated["MASTER_KEY"]

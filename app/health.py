@@ -9,7 +9,7 @@ from marshmallow import Schema, fields
 from sqlalchemy import text
 
 from app.connectors.models import CONNECTOR_TYPES
-from app.extensions import Blueprint, db
+from app.extensions import Blueprint, db, limiter
 from app.queues import redis_client_options
 
 blp = Blueprint("health", __name__, url_prefix="/api/health", description="Liveness and readiness")
@@ -67,6 +67,8 @@ def _check_workers() -> dict[str, str]:
 
 @blp.route("/ready")
 class Ready(MethodView):
+    # Each call broadcasts to the workers and waits up to a second: not something to allow in a loop.
+    @limiter.limit("60 per minute")
     @blp.response(200, ReadySchema)
     @blp.alt_response(503, schema=ReadySchema, description="Something it depends on is down")
     @blp.doc(security=[])

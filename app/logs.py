@@ -18,7 +18,7 @@ request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # Libraries that log request URLs or bodies at INFO/DEBUG; a Telegram URL carries the bot token.
 QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "telegram", "twilio", "hpack", "asyncio", "sqlalchemy.engine")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Defence in depth: never let a bot token or a bearer credential through, whatever logged it.
 SECRET_PATTERNS = (
     re.compile(r"bot[0-9]{3,20}:[A-Za-z0-9_-]{20,}"),
@@ -62,7 +62,7 @@ def configure_logging(level: str) -> None:
 
 
 def incoming_request_id(value: str | None) -> str:
-    return value if value and REQUEST_ID.match(value) else uuid.uuid4().hex
+    return value if value and REQUEST_ID.fullmatch(value) else uuid.uuid4().hex
 
 
 def init_request_logging(app: Flask) -> None:
@@ -73,6 +73,10 @@ def init_request_logging(app: Flask) -> None:
         g.started = time.perf_counter()
         g.request_id = incoming_request_id(request.headers.get("X-Request-ID"))
         request_id_var.set(g.request_id)
+
+    @app.teardown_request
+    def forget_request_id(_error: BaseException | None) -> None:
+        request_id_var.set(None)  # lines logged outside a request must not carry a stale id
 
     @app.after_request
     def finish(response: Response) -> Response:

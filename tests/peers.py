@@ -43,6 +43,7 @@ class Peer:
     received: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     credentials: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds an HTTP peer waits before answering, in any mode
 
     def record(self, item: dict[str, Any]) -> None:
         with self.lock:
@@ -52,6 +53,7 @@ class Peer:
         with self.lock:
             self.received.clear()
             self.mode = "ok"
+            self.delay = 0.0
 
     def wait_for(self, count: int, seconds: float = 5.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + seconds
@@ -175,8 +177,9 @@ class HttpPeer(Peer):
                 body = self.rfile.read(length) if length else b""
                 if peer.mode == "slow":
                     time.sleep(SLOW_SECONDS)
+                time.sleep(peer.delay)
                 status, payload = peer.answer(self.command, self.path, self.headers, body)
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -201,6 +204,7 @@ class HttpPeer(Peer):
         self.server.server_close()
 
     def answer(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        """(status, JSON-able payload or raw bytes)."""
         raise NotImplementedError
 
 

@@ -59,6 +59,7 @@ REFUSED_HOSTS = [
     "localhost", "LOCALHOST", "mail.localhost", "127.0.0.1", "127.1.2.3", "10.0.0.5", "172.16.3.4", "192.168.1.1",
     "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255",
     "::1", "[::1]", "::", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+    "fec0::1", "2002:a9fe:a9fe::1", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2",
 ]  # fmt: skip
 
 
@@ -536,3 +537,123 @@ def test_lone_surrogates_are_a_clear_400(client, host, where):
     response = client.post("/api/connectors", data=body, content_type="application/json", headers=host.headers)
     assert response.status_code == 400
     assert "not valid Unicode" in response.get_json()["message"]
+
+
+def test_a_server_trickling_endless_replies_is_cut_off_at_the_provider_timeout():
+    """A hostile SMTP host must not hold a worker thread: the whole dialogue ends at the deadline."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"220-still greeting you\r\n")
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    provider = EmailProvider(ProviderSettings(timeout=1.0, allow_private=True))
+    config = {
+        **config_for("email"),
+        "smtp_host": "127.0.0.1",
+        "smtp_port": listener.getsockname()[1],
+        "security": "none",
+    }
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeliveryError) as raised:
+            provider.send(config, "survivor@example.org", TEST_MESSAGE)
+    finally:
+        stop.set()
+        listener.close()
+    assert raised.value.code == "provider_unreachable"
+    assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_job_reaching_a_worker_after_the_callers_deadline_is_not_sent(app, client, host, peers):
+    connector = create_connector(client, host, "email", peers=peers)
+    from app.deliveries.models import DeliveryAttempt
+    from app.extensions import db
+
+    attempt_id = uuid.uuid4()
+    with app.app_context():
+        db.session.add(DeliveryAttempt(id=attempt_id, connector_id=uuid.UUID(connector["id"]), destination="s***@x"))
+        db.session.commit()
+    late = app.extensions["celery"].send_task(
+        "deliveries.send_test",
+        args=[str(attempt_id), "survivor@example.org"],
+        kwargs={"deadline": time.time() - 1},
+        queue="email",
+    )
+    outcome = late.get(timeout=10)
+    assert outcome["success"] is False and outcome["error_code"] == "timeout"
+    time.sleep(0.3)
+    assert peers.smtp.received == []
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_verdict_on_a_config_replaced_meanwhile_does_not_verify_the_new_one(client, host, peers):
+    connector = create_connector(client, host, "telegram", peers=peers)
+    peers.telegram.delay = 0.6
+    answer: dict = {}
+    sending = threading.Thread(target=lambda: answer.update(r=send_test(client, host, connector["id"], "123456789")))
+    sending.start()
+    time.sleep(0.3)
+    replaced = client.put(
+        f"/api/connectors/{connector['id']}",
+        json={"config": config_for("telegram", bot_token="7012345678:AAHanotherTokenAAAAAAAAAAAAAAAAAAAA")},
+        headers=host.headers,
+    )
+    assert replaced.status_code == 200
+    sending.join(timeout=10)
+    assert answer["r"].status_code == 200  # the old config worked...
+    listed = client.get("/api/connectors", headers=host.headers).get_json()["connectors"][0]
+    assert listed["is_verified"] is False  # ...which says nothing about the new one
+
+
+MALFORMED = {
+    "telegram": [
+        (200, {"ok": False}),
+        (200, {"ok": True, "result": {}}),
+        (200, [1, 2]),
+        (502, b"<html>Bad Gateway</html>"),
+    ],
+    "whatsapp": [(200, {"messages": "x"}), (200, b"not json"), (400, {"error": {"code": 1e300, "message": "m"}})],
+    "sms": [(201, [1]), (201, b"null"), (400, {"code": "x", "message": "m", "status": 400})],
+}
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize(("kind", "status", "payload"), [(k, s, p) for k, cases in MALFORMED.items() for s, p in cases])
+def test_malformed_provider_answers_are_provider_errors(client, host, peers, monkeypatch, kind, status, payload):
+    peer = {"sms": peers.twilio, "whatsapp": peers.whatsapp, "telegram": peers.telegram}[kind]
+    real_answer = peer.answer
+
+    def answer(method, path, headers, body):  # noqa: ANN001, ANN202
+        if path.endswith("/getMe"):
+            return real_answer(method, path, headers, body)
+        return status, payload
+
+    monkeypatch.setattr(peer, "answer", answer)
+    connector = create_connector(client, host, kind, peers=peers)
+    response = send_test(client, host, connector["id"], DESTINATIONS[kind])
+    assert response.status_code == 502
+    assert response.get_json()["error_code"] == "provider_error", response.get_json()
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [("email", "password", "pässword"), ("email", "username", "jösé"), ("sms", "api_key_secret", "sécret"),
+     ("whatsapp", "access_token", "tøken"), ("whatsapp", "access_token", "tok\nen")],
+)  # fmt: skip
+def test_credentials_that_no_provider_could_carry_are_refused_at_save(client, host, kind, field, value):
+    body = {"type": kind, "name": "x", "config": config_for(kind, **{field: value})}
+    response = client.post("/api/connectors", json=body, headers=host.headers)
+    assert response.status_code == 400
+    assert field in response.get_json()["errors"]["json"]["config"]

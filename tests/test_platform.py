@@ -45,6 +45,15 @@ def test_production_refusal_is_a_clear_exit_of_the_cli(tmp_path):
     assert "JWT_SECRET_KEY is not set" in result.stderr
 
 
+@pytest.mark.parametrize("missing", ["JWT_SECRET_KEY", "MASTER_KEY"])
+def test_secrets_are_never_generated_for_a_shared_database(tmp_path, missing):
+    env = _env(tmp_path, JWT_SECRET_KEY="j" * 40, MASTER_KEY="22" * 32, DATABASE_URL="postgresql://db/connectors")
+    del env[missing]
+    with pytest.raises(ConfigError, match=f"{missing} is not set; it is required whenever DATABASE_URL is set"):
+        create_app(env=env)
+    assert not (tmp_path / "secrets.json").exists()
+
+
 def test_development_generates_secrets_once_and_reuses_them(tmp_path, caplog):
     first = create_app(env=_env(tmp_path))
     assert "generated development JWT_SECRET_KEY and MASTER_KEY" in caplog.text
@@ -131,6 +140,17 @@ def test_rotation_old_keys_still_open_and_reseal_moves_every_row_to_the_new_key(
 
     result = rotated.test_cli_runner().invoke(args=["reseal-configs"])
     assert result.exit_code == 0 and "re-sealed 3 connector(s)" in result.output
+
+    with rotated.app_context():  # a row no key opens is reported, and does not stop the others
+        stray = db.session.get(Connector, uuid.UUID(created[1]["id"]))
+        stray.config_key_id = "0" * 16
+        db.session.commit()
+    stuck = rotated.test_cli_runner().invoke(args=["reseal-configs"])
+    assert stuck.exit_code == 1 and created[1]["id"] in stuck.output
+    with rotated.app_context():
+        stray = db.session.get(Connector, uuid.UUID(created[1]["id"]))
+        stray.config_key_id = rotated.extensions["keyring"].current_id
+        db.session.commit()
 
     only_new = create_app(env={**service_env, "MASTER_KEY": new_key})
     with only_new.app_context():

@@ -29,6 +29,8 @@ def host_required(view: F) -> F:
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         claims = _verify()
+        if claims.get("role") == "service":  # a service acts on Hosts' behalf only where it is meant to
+            abort(401, message="Invalid token: a service token is not a Host token")
         try:
             g.host_id = uuid.UUID(str(claims.get("sub", "")))
         except ValueError:

@@ -90,8 +90,12 @@ class EmailAddress(fields.String):
         return email_address(super()._deserialize(value, attr, data, **kwargs))
 
 
+PRINTABLE_ASCII = FullMatch(r"[\x20-\x7e]+", error="Must be printable ASCII characters.")
+
+
 def _secret(max_length: int = 4096) -> fields.String:
-    return fields.String(required=True, validate=validate.Length(1, max_length), load_only=True)
+    # Providers carry credentials in ASCII-only places (HTTP headers, SMTP AUTH): anything else cannot work.
+    return fields.String(required=True, validate=[validate.Length(1, max_length), PRINTABLE_ASCII], load_only=True)
 
 
 def _hostname(value: str) -> None:
@@ -107,7 +111,7 @@ class EmailConfig(Schema):
 
     smtp_host = fields.String(required=True, validate=[validate.Length(1, 253), _hostname])
     smtp_port = StrictInteger(required=True, validate=validate.Range(1, 65535))
-    username = fields.String(required=True, validate=validate.Length(1, 320))
+    username = fields.String(required=True, validate=[validate.Length(1, 320), PRINTABLE_ASCII])
     password = _secret(1024)
     from_address = EmailAddress(required=True)
     security = fields.String(validate=validate.OneOf(["starttls", "ssl", "none"]))

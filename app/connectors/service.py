@@ -14,7 +14,7 @@ from app.auth.models import Host
 from app.auth.service import ensure_host, lock_host
 from app.connectors.models import Connector
 from app.connectors.schemas import load_config
-from app.crypto import Keyring, Sealed
+from app.crypto import Keyring, Sealed, SealError
 from app.errors import ConflictError, InvalidError, NotFoundError
 from app.extensions import db
 
@@ -109,17 +109,25 @@ def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
     db.session.commit()
 
 
-def reseal_all(batch_size: int = 500) -> int:
-    """Re-seal every connector not sealed under the current master key; returns how many."""
+def reseal_all(batch_size: int = 500) -> tuple[int, list[uuid.UUID]]:
+    """Re-seal every connector not sealed under the current master key.
+
+    Returns how many were re-sealed and the ids of those that no known key opens (left as they are, so
+    one bad row does not stop the rotation of all the others).
+    """
     current = keyring().current_id
-    count = 0
+    count, unopenable = 0, []
     while True:
-        rows = db.session.scalars(
-            select(Connector).where(Connector.config_key_id != current).limit(batch_size).with_for_update()
-        ).all()
+        query = select(Connector).where(Connector.config_key_id != current)
+        if unopenable:
+            query = query.where(Connector.id.not_in(unopenable))
+        rows = db.session.scalars(query.order_by(Connector.id).limit(batch_size).with_for_update()).all()
         if not rows:
-            return count
+            return count, unopenable
         for connector in rows:
-            _seal(connector, open_config(connector))
+            try:
+                _seal(connector, open_config(connector))
+                count += 1
+            except SealError:
+                unopenable.append(connector.id)
         db.session.commit()
-        count += len(rows)

@@ -37,6 +37,9 @@ TASK_NAME = "deliveries.send_test"
 TELEGRAM_CHAT = re.compile(r"-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31}")
 SUCCESS_MESSAGE = "Test message sent successfully"
 RESULT_POLL_SECONDS = 0.01
+# The worker stops at the deadline; the web waits a little longer so that an answer given right at the
+# deadline is reported rather than lost.
+RESULT_GRACE_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,14 @@ def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) 
     db.session.commit()
 
     timeout = current_app.config["TEST_DELIVERY_TIMEOUT"]
+    # The worker must be done by this (wall-clock) deadline, so nothing is sent after the caller's 502:
+    # the expiry voids a job no worker took in time, and the worker cuts a send short at the deadline.
+    deadline = time.time() + timeout
     try:
-        # The expiry makes a job no worker started in time void: the caller has already seen a 502.
         result = _celery().send_task(
             TASK_NAME,
             args=[str(attempt_id), destination],
-            kwargs={"request_id": request_id_var.get()},
+            kwargs={"request_id": request_id_var.get(), "deadline": deadline},
             argsrepr=repr([str(attempt_id), masked]),  # worker logs show the masked destination
             queue=connector_type,
             expires=timeout,
@@ -113,12 +118,14 @@ def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) 
         return outcome
 
     try:
-        value = _wait(result, timeout)
+        value = _wait(result, timeout + RESULT_GRACE_SECONDS)
     except Exception as exc:  # the result backend itself failed
         log.warning("result backend failed for %s: %s", attempt_id, type(exc).__name__)
-        value = None
+        outcome = Outcome(False, "the result store is unavailable; try again shortly", error_code=BROKER_UNAVAILABLE)
+        _close_unstarted(attempt_id, FAILED, outcome)
+        return outcome
     finally:
-        result.forget()
+        _forget(result)
 
     if isinstance(value, dict) and "success" in value:
         return Outcome(**value)
@@ -127,7 +134,16 @@ def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) 
         _close_unstarted(attempt_id, TIMEOUT, outcome)
         return outcome
     log.error("test delivery %s ended with an unexpected result type %s", attempt_id, type(value).__name__)
-    return Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
+    outcome = Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
+    _close_unstarted(attempt_id, FAILED, outcome)
+    return outcome
+
+
+def _forget(result: AsyncResult) -> None:
+    try:
+        result.forget()
+    except Exception as exc:  # the store went away; the result expires there by itself
+        log.warning("could not remove result %s: %s", result.id, type(exc).__name__)
 
 
 def _wait(result: AsyncResult, timeout: float) -> Any:
@@ -166,10 +182,14 @@ class Job:
     connector_id: uuid.UUID
     connector_type: str
     config: dict[str, Any]
+    sealed: bytes  # the config as sealed when claimed: a verdict counts only for that config
 
 
 def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
-    """Take a pending attempt for sending, once: a redelivered or expired job finds nothing to claim."""
+    """Take a pending attempt for sending, once: a redelivered or expired job finds nothing to claim.
+
+    Ends its transaction before returning, so no database connection is held during the provider call.
+    """
     claimed = db.session.execute(
         update(DeliveryAttempt)
         .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == PENDING)
@@ -178,14 +198,17 @@ def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
     db.session.commit()
     if claimed.rowcount != 1:
         return None
-    attempt = db.session.get(DeliveryAttempt, attempt_id)
-    connector = db.session.get(Connector, attempt.connector_id) if attempt else None
-    if connector is None:
-        return None
-    return Job(connector.id, connector.type, open_config(connector))
+    try:
+        attempt = db.session.get(DeliveryAttempt, attempt_id)
+        connector = db.session.get(Connector, attempt.connector_id) if attempt else None
+        if connector is None:
+            return None
+        return Job(connector.id, connector.type, open_config(connector), connector.config_sealed)
+    finally:
+        db.session.commit()
 
 
-def finish_attempt(attempt_id: uuid.UUID, connector_id: uuid.UUID, outcome: Outcome) -> None:
+def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
     """Record the outcome; the provider's verdict decides is_verified, our own failures leave it be."""
     db.session.execute(
         update(DeliveryAttempt)
@@ -198,8 +221,12 @@ def finish_attempt(attempt_id: uuid.UUID, connector_id: uuid.UUID, outcome: Outc
             finished_at=utcnow(),
         )
     )
-    if outcome.success or outcome.error_code in PROVIDER_CAUSED:
-        db.session.execute(update(Connector).where(Connector.id == connector_id).values(is_verified=outcome.success))
+    if job is not None and (outcome.success or outcome.error_code in PROVIDER_CAUSED):
+        db.session.execute(
+            update(Connector)
+            .where(Connector.id == job.connector_id, Connector.config_sealed == job.sealed)
+            .values(is_verified=outcome.success)
+        )
     db.session.commit()
 
 

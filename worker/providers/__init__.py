@@ -1,17 +1,19 @@
-"""Providers by connector type."""
+"""Providers by connector type, imported when first used (the web process never needs them)."""
 
 from __future__ import annotations
 
-from worker.providers.base import Provider, ProviderSettings
-from worker.providers.email import EmailProvider
-from worker.providers.sms import TwilioSmsProvider
-from worker.providers.telegram import TelegramProvider
-from worker.providers.whatsapp import WhatsAppProvider
+from importlib import import_module
 
-PROVIDERS: dict[str, type[Provider]] = {
-    provider.type: provider for provider in (EmailProvider, TwilioSmsProvider, WhatsAppProvider, TelegramProvider)
+from worker.providers.base import Provider, ProviderSettings
+
+PROVIDERS: dict[str, str] = {
+    "email": "worker.providers.email:EmailProvider",
+    "sms": "worker.providers.sms:TwilioSmsProvider",
+    "whatsapp": "worker.providers.whatsapp:WhatsAppProvider",
+    "telegram": "worker.providers.telegram:TelegramProvider",
 }
 
 
 def build_provider(connector_type: str, settings: ProviderSettings) -> Provider:
-    return PROVIDERS[connector_type](settings)
+    module, _, name = PROVIDERS[connector_type].partition(":")
+    return getattr(import_module(module), name)(settings)

@@ -6,6 +6,7 @@ import base64
 import smtplib
 import socket
 import ssl
+import threading
 from email.message import EmailMessage
 from email.utils import make_msgid
 from typing import Any
@@ -53,7 +54,16 @@ class _SMTPSSL(smtplib.SMTP_SSL):
 
 def _reply_text(code: int, reply: bytes | str) -> str:
     text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-    return f"{code} {text}".strip()[:300]
+    return f"{code} {text}".strip()  # the task scrubs secrets from it, then shortens it
+
+
+def _cut(client: smtplib.SMTP) -> None:
+    sock = client.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class EmailProvider(Provider):
@@ -71,34 +81,18 @@ class EmailProvider(Provider):
         timeout = self.settings.timeout
         pin = _PinnedSocket(self.settings.allow_private)
         context = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+        if security == "ssl":
+            client: smtplib.SMTP = _SMTPSSL(pin, context=context, timeout=timeout)
+        else:
+            client = _SMTP(pin, timeout=timeout)
+        client._host = host  # the name TLS checks the certificate against (smtplib sets it only in __init__)
+        # The timeout bounds each socket operation; a server trickling endless reply lines would still hold
+        # the thread, so the whole dialogue, greeting included, also ends at the deadline.
+        watchdog = threading.Timer(timeout, _cut, args=(client,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            # Constructing with host and port connects, and keeps the name for TLS certificate checks.
-            if security == "ssl":
-                client: smtplib.SMTP = _SMTPSSL(pin, host=host, port=port, context=context, timeout=timeout)
-            else:
-                client = _SMTP(pin, host=host, port=port, timeout=timeout)
-        except DeliveryError:
-            raise
-        except TimeoutError:
-            raise DeliveryError(PROVIDER_UNREACHABLE, f"SMTP server {host}:{port} did not answer in time") from None
-        except ssl.SSLError as exc:
-            raise DeliveryError(PROVIDER_UNREACHABLE, f"TLS with {host}:{port} failed: {exc.reason}") from None
-        except (OSError, smtplib.SMTPException):
-            raise DeliveryError(PROVIDER_UNREACHABLE, f"cannot connect to SMTP server {host}:{port}") from None
-
-        try:
-            with client:
-                if security == "starttls":
-                    client.ehlo()
-                    if not client.has_extn("starttls"):
-                        raise DeliveryError(
-                            PROVIDER_UNREACHABLE,
-                            "SMTP server does not offer STARTTLS; set security to ssl or none",
-                        )
-                    client.starttls(context=context)
-                    client.ehlo()
-                client.login(config["username"], config["password"])
-                client.send_message(self._build(config["from_address"], destination, message))
+            self._converse(client, config, destination, message, context)
         except DeliveryError:
             raise
         except smtplib.SMTPAuthenticationError as exc:
@@ -123,12 +117,46 @@ class EmailProvider(Provider):
             ) from None
         except ssl.SSLError as exc:
             raise DeliveryError(PROVIDER_UNREACHABLE, f"TLS with {host}:{port} failed: {exc.reason}") from None
-        except TimeoutError:
-            raise DeliveryError(PROVIDER_UNREACHABLE, f"SMTP server {host}:{port} stopped answering") from None
         except (OSError, smtplib.SMTPException) as exc:
+            if not watchdog.is_alive():
+                raise DeliveryError(
+                    PROVIDER_UNREACHABLE, f"SMTP server {host}:{port} did not finish within {timeout:g} s"
+                ) from None
+            if client.sock is None or isinstance(exc, smtplib.SMTPConnectError):
+                raise DeliveryError(PROVIDER_UNREACHABLE, f"cannot connect to SMTP server {host}:{port}") from None
+            if isinstance(exc, TimeoutError):
+                raise DeliveryError(PROVIDER_UNREACHABLE, f"SMTP server {host}:{port} stopped answering") from None
             raise DeliveryError(
                 PROVIDER_UNREACHABLE, f"SMTP conversation with {host}:{port} failed ({type(exc).__name__})"
             ) from None
+        finally:
+            watchdog.cancel()
+
+    def _converse(
+        self,
+        client: smtplib.SMTP,
+        config: dict[str, Any],
+        destination: str,
+        message: OutgoingMessage,
+        context: ssl.SSLContext,
+    ) -> None:
+        client.connect(config["smtp_host"], int(config["smtp_port"]))
+        with client:
+            if config.get("security", "starttls") == "starttls":
+                client.ehlo()
+                if not client.has_extn("starttls"):
+                    raise DeliveryError(
+                        PROVIDER_UNREACHABLE, "SMTP server does not offer STARTTLS; set security to ssl or none"
+                    )
+                client.starttls(context=context)
+                client.ehlo()
+            client.login(config["username"], config["password"])
+            try:
+                client.send_message(self._build(config["from_address"], destination, message))
+            except smtplib.SMTPNotSupportedError:
+                raise DeliveryError(
+                    DESTINATION_REJECTED, "SMTP server cannot take this address (no SMTPUTF8 support)"
+                ) from None
 
     @staticmethod
     def _build(sender: str, recipient: str, message: OutgoingMessage) -> EmailMessage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import requests
-from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.base.exceptions import TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
@@ -51,16 +51,17 @@ class TwilioSmsProvider(Provider):
             raise DeliveryError(PROVIDER_UNREACHABLE, "Twilio did not answer in time") from None
         except requests.RequestException:
             raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach Twilio") from None
-        except (TwilioException, ValueError, KeyError):
+        except Exception:  # TwilioException, or a body the client library could not parse
             raise DeliveryError(PROVIDER_ERROR, "Twilio sent an answer that could not be read") from None
 
     @staticmethod
     def _map(exc: TwilioRestException) -> DeliveryError:
-        detail = f"Twilio {exc.status}" + (f" (error {exc.code})" if exc.code else "")
-        text = str(exc.msg or "")[:200]
-        if exc.status in (401, 403) or exc.code in ACCOUNT_CODES:
+        code = exc.code if isinstance(exc.code, int) else None
+        detail = f"Twilio {exc.status}" + (f" (error {code})" if code else "")
+        text = str(exc.msg or "")
+        if exc.status in (401, 403) or code in ACCOUNT_CODES:
             return DeliveryError(AUTH_FAILED, f"Twilio rejected the credentials: {detail} {text}".strip())
-        if exc.code in RECIPIENT_CODES or (exc.status == 400 and exc.code and 21200 <= exc.code < 21700):
+        if code in RECIPIENT_CODES or (exc.status == 400 and code and 21200 <= code < 21700):
             return DeliveryError(DESTINATION_REJECTED, f"Twilio rejected the recipient: {detail} {text}".strip())
         if exc.status == 404:
             return DeliveryError(AUTH_FAILED, f"Twilio does not know this account: {detail}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 from telegram import Bot
 from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError, TimedOut
 from telegram.request import HTTPXRequest
@@ -44,11 +45,17 @@ class TelegramProvider(Provider):
             raise DeliveryError(PROVIDER_ERROR, f"Telegram: too many requests, retry after {exc.retry_after}") from None
         except NetworkError as exc:
             # PTB raises NetworkError both for a failed connection (from httpx) and for a 5xx answer.
-            if exc.__cause__ is not None:
+            if isinstance(exc.__cause__, httpx.HTTPError):
                 raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach Telegram") from None
             raise DeliveryError(PROVIDER_ERROR, f"Telegram failed: {exc.message}") from None
         except TelegramError as exc:
             raise DeliveryError(PROVIDER_ERROR, f"Telegram failed: {exc.message}") from None
+        except TimeoutError:
+            raise DeliveryError(
+                PROVIDER_UNREACHABLE, f"Telegram did not finish within {self.settings.timeout:g} s"
+            ) from None
+        except Exception:  # an answer PTB could not turn into its objects
+            raise DeliveryError(PROVIDER_ERROR, "Telegram sent an answer that could not be read") from None
 
     async def _send(self, token: str, chat_id: int | str, text: str) -> None:
         timeout = self.settings.timeout
@@ -56,6 +63,7 @@ class TelegramProvider(Provider):
             connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout, pool_timeout=timeout
         )
         bot = Bot(token, base_url=f"{self.settings.telegram_base_url}/bot", request=request)
-        # `async with` runs getMe first, so a bad token is told apart from a bad chat.
-        async with bot:
+        # `async with` runs getMe first, so a bad token is told apart from a bad chat; both calls share one
+        # deadline.
+        async with asyncio.timeout(timeout), bot:
             await bot.send_message(chat_id=chat_id, text=text)

@@ -57,7 +57,8 @@ class WhatsAppProvider(Provider):
             raise DeliveryError(CONFIG_INVALID, "phone_number_id or api_version does not form a valid URL") from None
         if response.status_code == 200:
             try:
-                accepted = bool(response.json().get("messages"))
+                messages = response.json().get("messages")
+                accepted = isinstance(messages, list) and bool(messages) and isinstance(messages[0], dict)
             except (ValueError, AttributeError):
                 accepted = False
             if accepted:
@@ -69,8 +70,8 @@ class WhatsAppProvider(Provider):
     def _map(response: httpx.Response) -> DeliveryError:
         try:
             error = response.json().get("error") or {}
-            code = int(error.get("code") or 0)
-            text = str(error.get("message") or "")[:200]
+            code = error.get("code") if isinstance(error.get("code"), int) else 0
+            text = str(error.get("message") or "")
         except (ValueError, AttributeError, TypeError):
             code, text = 0, ""
         detail = f"WhatsApp {response.status_code}" + (f" (error {code})" if code else "")
