@@ -9,7 +9,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.extensions import db
 from app.timeutil import utcnow
 
-# pending -> sending -> sent | failed; pending -> timeout when no worker started it in time.
+# pending -> sending -> sent | failed. When the caller stops waiting, pending or sending -> timeout (or failed
+# if the job could not be queued); a worker still alive then records its real outcome over it.
 PENDING, SENDING, SENT, FAILED, TIMEOUT = "pending", "sending", "sent", "failed", "timeout"
 
 
