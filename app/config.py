@@ -138,7 +138,13 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
     return {
         "APP_ENV": app_env,
         "SQLALCHEMY_DATABASE_URI": database_url(env.get("DATABASE_URL", "").strip(), instance_path),
-        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+        # Threads that share a process (gunicorn threads, the worker's pool) each need a connection now and
+        # then; too small a pool makes them queue, and its overflow opens and closes a connection per use.
+        "SQLALCHEMY_ENGINE_OPTIONS": {
+            "pool_pre_ping": True,
+            "pool_size": int(_number(env, "DB_POOL_SIZE", 20, 1, 1000)),
+            "max_overflow": 10,
+        },
         "REDIS_URL": redis_url,
         "REDIS_SSL_CERT_REQS": redis_cert_reqs,
         "JWT_SECRET_KEY": jwt_secret,

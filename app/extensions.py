@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 import flask_smorest
-from flask import Flask, Request
-from flask_jwt_extended import JWTManager, get_jwt_identity, verify_jwt_in_request
+from flask import Flask, Request, g
+from flask_jwt_extended import JWTManager, get_jwt, get_jwt_identity, verify_jwt_in_request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
@@ -63,6 +63,8 @@ def rate_limit_key() -> str:
         identity = get_jwt_identity()
     except Exception:  # the view itself answers 401 for a bad token
         identity = None
+    if identity:
+        g.jwt_claims = get_jwt()  # verified once: the view's auth check reuses it
     return f"host:{identity}" if identity else f"addr:{get_remote_address()}"
 
 

@@ -15,8 +15,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _verify() -> dict[str, Any]:
-    verify_jwt_in_request()
-    claims = get_jwt()
+    claims = g.get("jwt_claims")  # the rate limiter, which keys limits by Host, may have verified it already
+    if claims is None:
+        verify_jwt_in_request()
+        claims = get_jwt()
     # A token that never expires is not one we accept, whoever signed it.
     if "exp" not in claims:
         abort(401, message="Invalid token: missing exp claim")

@@ -20,6 +20,7 @@ from worker.providers.base import (
     OutgoingMessage,
     Provider,
     connect_checked,
+    tls_context,
 )
 
 
@@ -80,7 +81,7 @@ class EmailProvider(Provider):
         host, port, security = config["smtp_host"], int(config["smtp_port"]), config.get("security", "starttls")
         timeout = self.settings.timeout
         pin = _PinnedSocket(self.settings.allow_private)
-        context = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+        context = tls_context()
         if security == "ssl":
             client: smtplib.SMTP = _SMTPSSL(pin, context=context, timeout=timeout)
         else:

@@ -18,6 +18,7 @@ from worker.providers.base import (
     DeliveryError,
     OutgoingMessage,
     Provider,
+    tls_context,
 )
 
 
@@ -59,10 +60,23 @@ class TelegramProvider(Provider):
 
     async def _send(self, token: str, chat_id: int | str, text: str) -> None:
         timeout = self.settings.timeout
-        request = HTTPXRequest(
-            connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout, pool_timeout=timeout
+
+        def request() -> HTTPXRequest:
+            return HTTPXRequest(
+                connect_timeout=timeout,
+                read_timeout=timeout,
+                write_timeout=timeout,
+                pool_timeout=timeout,
+                httpx_kwargs={"verify": tls_context()},
+            )
+
+        # Bot builds a second client for getUpdates unless given one: both share the process's TLS context.
+        bot = Bot(
+            token,
+            base_url=f"{self.settings.telegram_base_url}/bot",
+            request=request(),
+            get_updates_request=request(),
         )
-        bot = Bot(token, base_url=f"{self.settings.telegram_base_url}/bot", request=request)
         # `async with` runs getMe first, so a bad token is told apart from a bad chat; both calls share one
         # deadline.
         async with asyncio.timeout(timeout), bot:

@@ -19,6 +19,7 @@ from worker.providers.base import (
     DeliveryError,
     OutgoingMessage,
     Provider,
+    tls_context,
 )
 
 # Graph error codes: 190 expired/invalid token, 10 and 200-299 permissions.
@@ -47,7 +48,7 @@ class WhatsAppProvider(Provider):
             payload["text"] = {"preview_url": False, "body": message.text}
         headers = {"Authorization": f"Bearer {config['access_token']}"}
         try:
-            with httpx.Client(timeout=self.settings.timeout, follow_redirects=False) as client:
+            with httpx.Client(timeout=self.settings.timeout, follow_redirects=False, verify=tls_context()) as client:
                 response = client.post(url, json=payload, headers=headers)
         except httpx.TimeoutException:
             raise DeliveryError(PROVIDER_UNREACHABLE, "WhatsApp Cloud API did not answer in time") from None
