@@ -60,24 +60,27 @@ class TelegramProvider(Provider):
 
     async def _send(self, token: str, chat_id: int | str, text: str) -> None:
         timeout = self.settings.timeout
-
-        def request() -> HTTPXRequest:
-            return HTTPXRequest(
+        # Bot builds a second client for getUpdates unless given one: both share the process's TLS context.
+        requests = [
+            HTTPXRequest(
                 connect_timeout=timeout,
                 read_timeout=timeout,
                 write_timeout=timeout,
                 pool_timeout=timeout,
                 httpx_kwargs={"verify": tls_context()},
             )
-
-        # Bot builds a second client for getUpdates unless given one: both share the process's TLS context.
+            for _ in range(2)
+        ]
         bot = Bot(
             token,
             base_url=f"{self.settings.telegram_base_url}/bot",
-            request=request(),
-            get_updates_request=request(),
+            request=requests[0],
+            get_updates_request=requests[1],
         )
-        # `async with` runs getMe first, so a bad token is told apart from a bad chat; both calls share one
-        # deadline.
-        async with asyncio.timeout(timeout), bot:
-            await bot.send_message(chat_id=chat_id, text=text)
+        # One call, no getMe first: Telegram answers sendMessage with 401 for a bad token and 400 for a bad
+        # chat, which PTB turns into InvalidToken and BadRequest.
+        try:
+            async with asyncio.timeout(timeout):
+                await bot.send_message(chat_id=chat_id, text=text)
+        finally:
+            await asyncio.gather(*(request.shutdown() for request in requests))
