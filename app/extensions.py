@@ -7,7 +7,7 @@ from typing import Any
 
 import flask_smorest
 from flask import Flask, Request, g
-from flask_jwt_extended import JWTManager, get_jwt, get_jwt_identity, verify_jwt_in_request
+from flask_jwt_extended import JWTManager, get_jwt_identity, verify_jwt_in_request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
@@ -58,13 +58,15 @@ class Blueprint(flask_smorest.Blueprint):
 
 def rate_limit_key() -> str:
     """Limits count per Host; a request without a valid token counts against its address."""
-    try:
-        verify_jwt_in_request(optional=True)
-        identity = get_jwt_identity()
-    except Exception:  # the view itself answers 401 for a bad token
-        identity = None
-    if identity:
-        g.jwt_claims = get_jwt()  # verified once: the view's auth check reuses it
+    claims = g.get("jwt_claims")  # verified by the view's auth check, which runs first
+    if claims is not None:
+        identity = claims.get("sub")
+    else:
+        try:
+            verify_jwt_in_request(optional=True)
+            identity = get_jwt_identity()
+        except Exception:  # the view itself answers 401 for a bad token
+            identity = None
     return f"host:{identity}" if identity else f"addr:{get_remote_address()}"
 
 

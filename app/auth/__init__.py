@@ -15,13 +15,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _verify() -> dict[str, Any]:
-    claims = g.get("jwt_claims")  # the rate limiter, which keys limits by Host, may have verified it already
-    if claims is None:
-        verify_jwt_in_request()
-        claims = get_jwt()
+    verify_jwt_in_request()
+    claims = get_jwt()
     # A token that never expires is not one we accept, whoever signed it.
     if "exp" not in claims:
         abort(401, message="Invalid token: missing exp claim")
+    g.jwt_claims = claims  # the rate limiter keys by Host from these, without decoding the token again
     return claims
 
 
