@@ -141,7 +141,6 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
         # Threads that share a process (gunicorn threads, the worker's pool) each need a connection now and
         # then; too small a pool makes them queue, and its overflow opens and closes a connection per use.
         "SQLALCHEMY_ENGINE_OPTIONS": {
-            "pool_pre_ping": True,
             "pool_size": int(_number(env, "DB_POOL_SIZE", 20, 1, 1000)),
             "max_overflow": 10,
         },

@@ -388,14 +388,14 @@ def test_database_connections_dropped_under_the_service_are_replaced_without_err
     admin = create_engine(
         TEST_DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
     )
+    others = " FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
     with admin.connect() as conn:
-        killed = conn.execute(
-            text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = :d AND pid <> pg_backend_pid()"
-            ),
-            {"d": database},
-        ).scalar_one()
+        killed = conn.execute(text("SELECT count(pg_terminate_backend(pid))" + others), {"d": database}).scalar_one()
+        # pg_terminate_backend only signals: wait until the sessions are really gone, as after a restart.
+        for _ in range(100):
+            if conn.execute(text("SELECT count(*)" + others), {"d": database}).scalar_one() == 0:
+                break
+            time.sleep(0.05)
     admin.dispose()
     assert killed >= 1
     statuses = [client.get("/api/connectors", headers=host.headers).status_code for _ in range(5)]
