@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import flask_smorest
-from flask import Flask, Request, g
+from flask import Flask, Request, g, has_app_context
 from flask_jwt_extended import JWTManager, get_jwt_identity, verify_jwt_in_request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_smorest import Api, abort
 from flask_sqlalchemy import SQLAlchemy
+from limits.storage import RedisStorage
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 from webargs.flaskparser import FlaskParser, is_json_request
@@ -54,6 +56,46 @@ class BadRequestParser(FlaskParser):
 
 class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = BadRequestParser()
+
+
+class OneTripRedisStorage(RedisStorage):
+    """Redis limits storage whose hit also answers the window's stats, so a request costs one round trip.
+
+    flask-limiter hits the limit (one script call), then reads the count and TTL back for the X-RateLimit-*
+    headers (two more calls). The script below returns both with the hit; `get`/`get_expiry` answer from it
+    for the rest of the same request. URIs: `connectors+redis://` and `connectors+rediss://`.
+    """
+
+    STORAGE_SCHEME = ["connectors+redis", "connectors+rediss"]
+    INCR_AND_TTL = """
+        local current = redis.call("incrby", KEYS[1], ARGV[2])
+        if tonumber(current) == tonumber(ARGV[2]) then redis.call("expire", KEYS[1], ARGV[1]) end
+        return {current, redis.call("ttl", KEYS[1])}
+    """
+
+    def __init__(self, uri: str, **options: Any) -> None:
+        super().__init__(uri.removeprefix("connectors+"), **options)
+
+    def initialize_storage(self, uri: str) -> None:
+        super().initialize_storage(uri)
+        self.lua_incr_and_ttl = self.get_connection().register_script(self.INCR_AND_TTL)
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        count, ttl = self.lua_incr_and_ttl([self.prefixed_key(key)], [expiry, amount])
+        if has_app_context():  # g lives for one request: a later request never sees these numbers
+            g.setdefault("limit_windows", {})[key] = (int(count), max(int(ttl), 0) + time.time())
+        return int(count)
+
+    def _seen(self, key: str) -> tuple[int, float] | None:
+        return g.get("limit_windows", {}).get(key) if has_app_context() else None
+
+    def get(self, key: str) -> int:
+        seen = self._seen(key)
+        return seen[0] if seen else super().get(key)
+
+    def get_expiry(self, key: str) -> float:
+        seen = self._seen(key)
+        return seen[1] if seen else super().get_expiry(key)
 
 
 def rate_limit_key() -> str:

@@ -142,7 +142,9 @@ def app(service_env: dict[str, str], fake_redis_server: fakeredis.FakeServer) ->
     overrides: dict[str, Any] = {}
     if not USES_REDIS:
         pool = redis.ConnectionPool(server=fake_redis_server, connection_class=fakeredis.FakeRedisConnection)
-        overrides.update(RATELIMIT_STORAGE_URI="redis://fakeredis", RATELIMIT_STORAGE_OPTIONS={"connection_pool": pool})
+        overrides.update(
+            RATELIMIT_STORAGE_URI="connectors+redis://fakeredis", RATELIMIT_STORAGE_OPTIONS={"connection_pool": pool}
+        )
     flask_app = create_app(overrides, env=service_env)
     flask_app.config["TESTING"] = True
     with flask_app.app_context():

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import uuid
 
+from flask import Response, jsonify
 from flask.views import MethodView
 
 from app.auth import current_host_id, host_required
@@ -26,9 +27,10 @@ class Connectors(MethodView):
     @limiter.limit("100 per minute")
     @blp.response(200, ConnectorListSchema)
     @documents_errors(blp, 401, 429)
-    def get(self) -> dict:
+    def get(self) -> Response:
         """List the Host's connectors, by priority then creation time"""
-        return {"connectors": service.list_connectors(current_host_id())}
+        # Already in ConnectorSchema's shape: a Response skips the schema's dump.
+        return jsonify({"connectors": service.list_connectors(current_host_id())})
 
     @limiter.limit("10 per hour")
     @blp.arguments(ConnectorCreateSchema)

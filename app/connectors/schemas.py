@@ -52,9 +52,12 @@ class TrimmedName(fields.String):
         return text
 
 
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
 class UtcTimestamp(fields.Field):
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
-        return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return None if value is None else value.strftime(TIMESTAMP_FORMAT)
 
 
 def e164(value: str) -> str:
