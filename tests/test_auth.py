@@ -75,6 +75,30 @@ def test_a_token_with_only_sub_iat_exp_is_accepted(client):
     assert client.get("/api/connectors", headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
 
+def test_a_remembered_token_is_refused_once_it_expires(client):
+    host = str(uuid.uuid4())
+    exp = time.time() + 1.5
+    token = pyjwt.encode({"sub": host, "iat": int(time.time()), "exp": exp}, JWT_SECRET, algorithm="HS256")
+    headers = {"Authorization": f"Bearer {token}"}
+    assert [client.get("/api/connectors", headers=headers).status_code for _ in range(3)] == [200] * 3
+    time.sleep(max(0.0, exp - time.time()) + 0.1)
+    expired = client.get("/api/connectors", headers=headers)
+    assert expired.status_code == 401 and expired.get_json()["message"] == "Token has expired"
+
+
+def test_a_token_remembered_by_one_app_is_not_trusted_by_an_app_with_another_secret(app, client, service_env):
+    from app import create_app
+
+    token = make_token(str(uuid.uuid4()))
+    assert client.get("/api/connectors", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    other = create_app(env={**service_env, "JWT_SECRET_KEY": "a-different-secret-" + "y" * 32})
+    try:
+        refused = other.test_client().get("/api/connectors", headers={"Authorization": f"Bearer {token}"})
+        assert refused.status_code == 401
+    finally:
+        app.extensions["celery"].set_default()
+
+
 def test_the_will_endpoint_refuses_host_tokens_with_403(client):
     host = str(uuid.uuid4())
     response = client.put(

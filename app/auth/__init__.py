@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-from flask import g
+from flask import current_app, g, request
 from flask_jwt_extended import get_jwt, verify_jwt_in_request
 from flask_smorest import abort
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# flask-jwt-extended decodes a token twice (unverified for its key callback, then verified), which cost more
+# CPU than the list endpoint's query. A token that verified once stays good until its exp (no key rotation
+# without a restart, no revocation list), so each app remembers recently verified ones by their header value.
+VERIFIED_TOKENS_MAX = 2048
+
+
 def _verify() -> dict[str, Any]:
-    verify_jwt_in_request()
-    claims = get_jwt()
-    # A token that never expires is not one we accept, whoever signed it.
-    if "exp" not in claims:
-        abort(401, message="Invalid token: missing exp claim")
+    header = request.headers.get("Authorization", "")
+    verified: dict[str, dict[str, Any]] = current_app.extensions.setdefault("verified_tokens", {})
+    claims = verified.get(header)
+    if claims is None or time.time() >= claims["exp"]:
+        verify_jwt_in_request()
+        claims = get_jwt()
+        # A token that never expires is not one we accept, whoever signed it.
+        if "exp" not in claims:
+            abort(401, message="Invalid token: missing exp claim")
+        if len(verified) >= VERIFIED_TOKENS_MAX:
+            verified.clear()  # crude but bounded; the next requests fill it again
+        verified[header] = claims
     g.jwt_claims = claims  # the rate limiter keys by Host from these, without decoding the token again
     return claims
 
