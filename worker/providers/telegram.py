@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import httpx
@@ -33,7 +34,7 @@ class TelegramProvider(Provider):
     def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
         chat_id: int | str = int(destination) if destination.lstrip("-").isdigit() else destination
         try:
-            asyncio.run(self._send(config["bot_token"], chat_id, message.text))
+            _thread_runner().run(self._send(config["bot_token"], chat_id, message.text))
         except InvalidToken:
             raise DeliveryError(AUTH_FAILED, "Telegram rejected the bot token") from None
         except Forbidden as exc:
@@ -60,27 +61,37 @@ class TelegramProvider(Provider):
 
     async def _send(self, token: str, chat_id: int | str, text: str) -> None:
         timeout = self.settings.timeout
-        # Bot builds a second client for getUpdates unless given one: both share the process's TLS context.
-        requests = [
-            HTTPXRequest(
+        # The thread's one HTTP client serves both of Bot's request slots (getUpdates is never called).
+        shared = _thread_request()
+        bot = Bot(token, base_url=f"{self.settings.telegram_base_url}/bot", request=shared, get_updates_request=shared)
+        # One call, no getMe first: Telegram answers sendMessage with 401 for a bad token and 400 for a bad
+        # chat, which PTB turns into InvalidToken and BadRequest. Bot is not shut down: that would close the
+        # thread's client.
+        async with asyncio.timeout(timeout):
+            await bot.send_message(
+                chat_id=chat_id,
+                text=text,
                 connect_timeout=timeout,
                 read_timeout=timeout,
                 write_timeout=timeout,
                 pool_timeout=timeout,
-                httpx_kwargs={"verify": tls_context()},
             )
-            for _ in range(2)
-        ]
-        bot = Bot(
-            token,
-            base_url=f"{self.settings.telegram_base_url}/bot",
-            request=requests[0],
-            get_updates_request=requests[1],
-        )
-        # One call, no getMe first: Telegram answers sendMessage with 401 for a bad token and 400 for a bad
-        # chat, which PTB turns into InvalidToken and BadRequest.
-        try:
-            async with asyncio.timeout(timeout):
-                await bot.send_message(chat_id=chat_id, text=text)
-        finally:
-            await asyncio.gather(*(request.shutdown() for request in requests))
+
+
+# An event loop and an HTTP client per worker thread, kept between sends: building them for every message
+# cost more CPU than the send itself, and a kept connection to Telegram saves a TLS handshake per message.
+_per_thread = threading.local()
+
+
+def _thread_runner() -> asyncio.Runner:
+    runner = getattr(_per_thread, "runner", None)
+    if runner is None:
+        runner = _per_thread.runner = asyncio.Runner()
+    return runner
+
+
+def _thread_request() -> HTTPXRequest:
+    request = getattr(_per_thread, "request", None)
+    if request is None:
+        request = _per_thread.request = HTTPXRequest(httpx_kwargs={"verify": tls_context()})
+    return request
