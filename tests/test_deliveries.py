@@ -371,3 +371,22 @@ def _stored_results(app) -> str:
         rows = conn.execute(text("SELECT * FROM celery_taskmeta")).all()
     engine.dispose()
     return repr(rows)
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["update-returning", "without-returning"])
+def test_an_attempt_is_claimed_once_with_or_without_update_returning(app, client, host, monkeypatch, returning):
+    from app.deliveries.models import DeliveryAttempt
+    from app.deliveries.service import claim_attempt
+    from app.extensions import db
+
+    connector = create_connector(client, host, "telegram")
+    attempt_id = uuid.uuid4()
+    with app.app_context():
+        monkeypatch.setattr(db.engine.dialect, "update_returning", returning)
+        db.session.add(DeliveryAttempt(id=attempt_id, connector_id=uuid.UUID(connector["id"]), destination="***789"))
+        db.session.commit()
+        job = claim_attempt(attempt_id)
+        assert job is not None and str(job.connector_id) == connector["id"] and job.connector_type == "telegram"
+        assert job.config["bot_token"] == config_for("telegram")["bot_token"]
+        assert claim_attempt(attempt_id) is None
+        assert claim_attempt(uuid.uuid4()) is None

@@ -8,6 +8,7 @@ from typing import Any
 from flask import current_app
 from marshmallow import ValidationError
 from sqlalchemy import bindparam, func, select
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 
 from app.auth.models import Host
@@ -28,7 +29,8 @@ def _seal(connector: Connector, config: dict[str, Any]) -> None:
     connector.config_key_id, connector.config_sealed = sealed.key_id, sealed.ciphertext
 
 
-def open_config(connector: Connector) -> dict[str, Any]:
+def open_config(connector: Connector | Row[Any]) -> dict[str, Any]:
+    """The decrypted config of a connector, or of a row with its id, host_id and config columns."""
     sealed = Sealed(connector.config_key_id, connector.config_sealed)
     return keyring().open(connector.host_id, connector.id, sealed)
 

@@ -18,7 +18,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, select, text, update
 
 from app.connectors.models import Connector
 from app.connectors.schemas import e164, email_address
@@ -197,50 +197,62 @@ class Job:
     sealed: bytes  # the config as sealed when claimed: a verdict counts only for that config
 
 
+# Worker statements, built once and run through Core: the ORM's identity map and unit of work cost more CPU
+# than these few rows need, and the worker runs one per delivery.
+CLAIM = (
+    update(DeliveryAttempt)
+    .where(DeliveryAttempt.id == bindparam("attempt_id"), DeliveryAttempt.status == PENDING)
+    .values(status=SENDING)
+)
+CLAIMED_CONNECTOR = select(DeliveryAttempt.connector_id).where(DeliveryAttempt.id == bindparam("attempt_id"))
+JOB_CONNECTOR = select(
+    Connector.id, Connector.host_id, Connector.type, Connector.config_key_id, Connector.config_sealed
+).where(Connector.id == bindparam("connector_id"))
+
+
 def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
     """Take a pending attempt for sending, once: a redelivered or expired job finds nothing to claim.
 
-    Ends its transaction before returning, so no database connection is held during the provider call.
+    The claim is one durable statement of its own (autocommit), and no connection is held once it returns,
+    so none is held during the provider call.
     """
-    claimed = db.session.execute(
-        update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == PENDING)
-        .values(status=SENDING)
-    )
-    db.session.commit()
-    if claimed.rowcount != 1:
-        return None
-    try:
-        attempt = db.session.get(DeliveryAttempt, attempt_id)
-        connector = db.session.get(Connector, attempt.connector_id) if attempt else None
-        if connector is None:
+    params = {"attempt_id": attempt_id}
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        if conn.dialect.update_returning:
+            connector_id = conn.execute(CLAIM.returning(DeliveryAttempt.connector_id), params).scalar()
+        else:  # SQLite before 3.35: the same claim, then a read of what it claimed
+            claimed = conn.execute(CLAIM, params).rowcount == 1
+            connector_id = conn.execute(CLAIMED_CONNECTOR, params).scalar() if claimed else None
+        if connector_id is None:
             return None
-        return Job(connector.id, connector.type, open_config(connector), connector.config_sealed)
-    finally:
-        db.session.commit()
+        connector = conn.execute(JOB_CONNECTOR, {"connector_id": connector_id}).one_or_none()
+    if connector is None:
+        return None
+    return Job(connector.id, connector.type, open_config(connector), connector.config_sealed)
 
 
 def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
     """Record the outcome; the provider's verdict decides is_verified, our own failures leave it be."""
-    _log_write()
-    db.session.execute(
-        update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == attempt_id)
-        .values(
-            status=SENT if outcome.success else FAILED,
-            error_code=outcome.error_code,
-            message=outcome.message,
-            delivery_time_ms=outcome.delivery_time_ms,
-            finished_at=utcnow(),
+    with db.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SET LOCAL synchronous_commit TO OFF"))  # see _log_write
+        conn.execute(
+            update(DeliveryAttempt)
+            .where(DeliveryAttempt.id == attempt_id)
+            .values(
+                status=SENT if outcome.success else FAILED,
+                error_code=outcome.error_code,
+                message=outcome.message,
+                delivery_time_ms=outcome.delivery_time_ms,
+                finished_at=utcnow(),
+            )
         )
-    )
-    if job is not None and (outcome.success or outcome.error_code in PROVIDER_CAUSED):
-        db.session.execute(
-            update(Connector)
-            .where(Connector.id == job.connector_id, Connector.config_sealed == job.sealed)
-            .values(is_verified=outcome.success)
-        )
-    db.session.commit()
+        if job is not None and (outcome.success or outcome.error_code in PROVIDER_CAUSED):
+            conn.execute(
+                update(Connector)
+                .where(Connector.id == job.connector_id, Connector.config_sealed == job.sealed)
+                .values(is_verified=outcome.success)
+            )
 
 
 def list_attempts(host_id: uuid.UUID, connector_id: uuid.UUID, limit: int) -> list[DeliveryAttempt]:
