@@ -18,13 +18,13 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import Executable, bindparam, exists, insert, select, update
 
 from app.connectors.models import Connector
 from app.connectors.schemas import e164, email_address
 from app.connectors.service import get_connector, open_config
 from app.deliveries.models import FAILED, PENDING, SENDING, SENT, TIMEOUT, DeliveryAttempt
-from app.errors import InvalidError
+from app.errors import InvalidError, NotFoundError
 from app.extensions import db
 from app.logs import request_id_var
 from app.timeutil import utcnow
@@ -85,11 +85,14 @@ def mask(connector_type: str, destination: str) -> str:
     return "*" * max(len(destination) - 3, 0) + destination[-3:]
 
 
-def _log_write() -> None:
-    """Attempt-log rows may lose their last moments in a database crash: their commits need not wait for
-    the disk (PostgreSQL), which takes milliseconds off every test. The claim stays fully durable."""
-    if db.session.get_bind().dialect.name == "postgresql":
-        db.session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+def _log(statement: Executable) -> None:
+    """Write to the attempt log in one autocommit statement.
+
+    A statement on its own needs no BEGIN and COMMIT; those two round trips (and a SET LOCAL to skip the
+    commit's fsync) cost more here than the fsync itself (~0.15 ms on PostgreSQL).
+    """
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(statement)
 
 
 def _celery() -> Celery:
@@ -98,14 +101,14 @@ def _celery() -> Celery:
 
 def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) -> Outcome:
     """Queue one test send on the connector's queue and wait for its outcome."""
-    connector = get_connector(host_id, connector_id)
-    connector_type = connector.type  # read before the commit below expires the instance
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        connector_type = conn.execute(CONNECTOR_TYPE, {"connector_id": connector_id, "host_id": host_id}).scalar()
+    if connector_type is None:  # another Host's connector is as unknown as a missing one
+        raise NotFoundError("Connector not found")
     destination = normalize_destination(connector_type, raw_destination)
     masked = mask(connector_type, destination)
     attempt_id = uuid.uuid4()
-    _log_write()
-    db.session.add(DeliveryAttempt(id=attempt_id, connector_id=connector_id, destination=masked))
-    db.session.commit()
+    _log(insert(DeliveryAttempt).values(id=attempt_id, connector_id=connector_id, destination=masked, status=PENDING))
 
     timeout = current_app.config["TEST_DELIVERY_TIMEOUT"]
     # The worker must be done by this (wall-clock) deadline, so nothing is sent after the caller's 502:
@@ -180,13 +183,11 @@ def _close_unstarted(attempt_id: uuid.UUID, status: str, outcome: Outcome) -> No
     A pending one can no longer be claimed. A claimed one whose worker died would otherwise stay
     `sending` forever; if its worker is alive and finishes after all, it records the real outcome.
     """
-    _log_write()
-    db.session.execute(
+    _log(
         update(DeliveryAttempt)
         .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status.in_([PENDING, SENDING]))
         .values(status=status, error_code=outcome.error_code, message=outcome.message, finished_at=utcnow())
     )
-    db.session.commit()
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,9 @@ class Job:
     sealed: bytes  # the config as sealed when claimed: a verdict counts only for that config
 
 
+CONNECTOR_TYPE = select(Connector.type).where(
+    Connector.id == bindparam("connector_id"), Connector.host_id == bindparam("host_id")
+)
 # Worker statements, built once and run through Core: the ORM's identity map and unit of work cost more CPU
 # than these few rows need, and the worker runs one per delivery.
 CLAIM = (
@@ -233,26 +237,32 @@ def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
 
 def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
     """Record the outcome; the provider's verdict decides is_verified, our own failures leave it be."""
-    with db.engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SET LOCAL synchronous_commit TO OFF"))  # see _log_write
-        conn.execute(
-            update(DeliveryAttempt)
-            .where(DeliveryAttempt.id == attempt_id)
-            .values(
-                status=SENT if outcome.success else FAILED,
-                error_code=outcome.error_code,
-                message=outcome.message,
-                delivery_time_ms=outcome.delivery_time_ms,
-                finished_at=utcnow(),
-            )
+    record = (
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == attempt_id)
+        .values(
+            status=SENT if outcome.success else FAILED,
+            error_code=outcome.error_code,
+            message=outcome.message,
+            delivery_time_ms=outcome.delivery_time_ms,
+            finished_at=utcnow(),
         )
-        if job is not None and (outcome.success or outcome.error_code in PROVIDER_CAUSED):
-            conn.execute(
-                update(Connector)
-                .where(Connector.id == job.connector_id, Connector.config_sealed == job.sealed)
-                .values(is_verified=outcome.success)
-            )
+    )
+    if job is None or not (outcome.success or outcome.error_code in PROVIDER_CAUSED):
+        _log(record)
+        return
+    # updated_at set here: the column's onupdate is not applied to an UPDATE that carries a CTE.
+    verdict = update(Connector).values(is_verified=outcome.success, updated_at=utcnow())
+    # Only for the config that was tested: a config replaced meanwhile has not been tested.
+    same_config = (Connector.id == job.connector_id) & (Connector.config_sealed == job.sealed)
+    if db.engine.dialect.name == "postgresql":
+        # Both writes in one statement (a data-modifying CTE): atomic, and one round trip instead of four.
+        recorded = record.returning(DeliveryAttempt.id).cte("recorded")
+        _log(verdict.where(same_config, exists(select(recorded.c.id))))
+        return
+    with db.engine.begin() as conn:
+        conn.execute(record)
+        conn.execute(verdict.where(same_config))
 
 
 def list_attempts(host_id: uuid.UUID, connector_id: uuid.UUID, limit: int) -> list[DeliveryAttempt]:
