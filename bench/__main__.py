@@ -132,6 +132,9 @@ def main(argv: list[str]) -> int:
             if chosen & {"worker", "memory"}:
                 log("3. worker throughput (and 4. its memory)")
                 rows += figures.worker(settings, stack, pool)
+            if chosen & {"test", "worker"}:
+                log("2. and 3. the Celery floor: Celery alone, as the service runs it")
+                rows += figures.celery_floor(settings, stack, pool)
             if "memory" in chosen:
                 log("4. web memory")
                 rows += figures.web_memory(settings, stack)

@@ -19,12 +19,13 @@ from typing import Any
 
 import httpx
 import psycopg
+import redis
 from celery import Celery
 
 from bench import seed
 from bench.load import Line, WrkResult, median, write_lines, wrk
 from bench.peers import SMTP_PASSWORD, SMTP_USER, TELEGRAM_TOKEN
-from bench.stack import ROOT, Process, Stack, command_line, free_port, memory_kib, wait_until
+from bench.stack import REDIS_DB, ROOT, Process, Stack, command_line, free_port, memory_kib, wait_until
 
 CONNECTIONS = 32  # the Procfile's gunicorn serves 2 processes x 16 threads
 WARMUP_SECONDS = 2.0
@@ -424,6 +425,73 @@ def worker(settings: Settings, stack: Stack, pool: int) -> list[Row]:
         memory_row.note = f"10,000 deliveries would take {TOTAL_DELIVERIES / rate / 60:.0f} min at this rate"
     rows.append(memory_row)
     return rows
+
+
+# --- The Celery floor of figures 2 and 3 ---------------------------------------------------------------------
+
+FLOOR_ROUND_TRIPS = 300
+FLOOR_SLEEPS = 2_000
+
+
+def celery_floor(settings: Settings, stack: Stack, pool: int) -> list[Row]:
+    """Celery alone, as the service configures and runs it: what no delivery code of ours could remove."""
+    from bench.celery_floor import floor_celery
+
+    assert stack.redis_url is not None
+    redis_url = f"{stack.redis_url.rsplit('/', 1)[0]}/{REDIS_DB + 2}"
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    command = stack.commands["worker"].replace("-A celery_app", "-A bench.celery_floor", 1)
+    env = {
+        **stack.env,
+        "REDIS_URL": redis_url,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), stack.env.get("PYTHONPATH")])),
+    }
+    process = stack.start("celery-floor", command=command, env=env)
+    celery = floor_celery(redis_url)
+    try:
+        wait_until(
+            lambda: celery.send_task("floor.noop", args=["x", "y"], queue="email").get(timeout=2) is not None,
+            seconds=60,
+            what="the Celery floor's worker",
+            process=process,
+        )
+        p50s, p95s, rates = [], [], []
+        for _ in range(settings.runs):
+            # Figure 2's shape: send on a queue, wait for the result on pub/sub, forget it.
+            times = []
+            for number in range(FLOOR_ROUND_TRIPS):
+                started = time.perf_counter()
+                result = celery.send_task("floor.noop", args=[str(number), "y"], queue="email")
+                result.get(timeout=10)
+                result.forget()
+                times.append((time.perf_counter() - started) * 1000)
+            times = sorted(times[FLOOR_ROUND_TRIPS // 10 :])
+            p50s.append(times[len(times) // 2])
+            p95s.append(times[int(len(times) * 0.95)])
+            # Figure 3's shape: a burst of jobs for the pool, each waiting the provider's 100 ms.
+            client.flushdb()
+            started = time.monotonic()
+            with celery.producer_or_acquire() as producer:
+                for number in range(FLOOR_SLEEPS):
+                    celery.send_task("floor.sleep", args=[str(number), "y"], queue="telegram", producer=producer)
+            while sum(1 for _ in client.scan_iter("celery-task-meta-*", count=1000)) < FLOOR_SLEEPS:
+                time.sleep(0.05)
+            rates.append(FLOOR_SLEEPS / (time.monotonic() - started))
+            client.flushdb()
+    finally:
+        process.stop()
+        client.flushdb()
+    settings.results["celery_floor"] = {"round_trip_p50_ms": p50s, "round_trip_p95_ms": p95s, "sleep_rates": rates}
+    ideal = pool / PROVIDER_SECONDS
+    rate = median(rates)
+    return [
+        Row("2 Test delivery", "Celery alone: no-op task round trip, 1 concurrent, median", "ms", median(p50s),
+            note="in the overhead of every test; no delivery code removes it"),
+        Row("2 Test delivery", "Celery alone: no-op task round trip, 1 concurrent, p95", "ms", median(p95s)),
+        Row("3 Worker", f"Celery alone: 100 ms sleep tasks/s, pool {pool}", "msg/s", rate, ideal, rate / ideal,
+            note="the most any delivery code could reach"),
+    ]  # fmt: skip
 
 
 def _memory_row(who: str, samples: Sequence[tuple[int, int, int]], total: int, unit: str) -> Row:
