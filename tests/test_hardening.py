@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -400,6 +401,27 @@ def test_database_connections_dropped_under_the_service_are_replaced_without_err
     assert killed >= 1
     statuses = [client.get("/api/connectors", headers=host.headers).status_code for _ in range(5)]
     assert statuses == [200] * 5
+
+
+@pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL only")
+def test_connections_with_descriptors_above_1023_are_checked_and_used(app, client, host):
+    # A busy process hands out high descriptor numbers; the pool's liveness check must still take them.
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f"the open-file limit ({soft}) is too low to reach descriptor 1024")
+    from app.extensions import db
+
+    with app.app_context():
+        db.engine.dispose()  # the next requests open new connections, above the descriptors held below
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        statuses = [client.get("/api/connectors", headers=host.headers).status_code for _ in range(3)]
+        with app.app_context(), db.engine.connect() as conn:
+            assert conn.connection.dbapi_connection.fileno() >= 1024
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert statuses == [200] * 3
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
