@@ -86,6 +86,17 @@ def test_a_remembered_token_is_refused_once_it_expires(client):
     assert expired.status_code == 401 and expired.get_json()["message"] == "Token has expired"
 
 
+def test_a_token_whose_exp_is_a_numeric_string_works_twice(client):
+    # PyJWT takes any exp that int() takes; the remembered token must be compared the same way.
+    token = pyjwt.encode(
+        {"sub": str(uuid.uuid4()), "iat": int(time.time()), "exp": str(int(time.time()) + 600)},
+        JWT_SECRET,
+        algorithm="HS256",
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    assert [client.get("/api/connectors", headers=headers).status_code for _ in range(2)] == [200, 200]
+
+
 def test_a_token_remembered_by_one_app_is_not_trusted_by_an_app_with_another_secret(app, client, service_env):
     from app import create_app
 

@@ -23,9 +23,11 @@ VERIFIED_TOKENS_MAX = 2048
 
 def _verify() -> dict[str, Any]:
     header = request.headers.get("Authorization", "")
-    verified: dict[str, dict[str, Any]] = current_app.extensions.setdefault("verified_tokens", {})
-    claims = verified.get(header)
-    if claims is None or time.time() >= claims["exp"]:
+    verified: dict[str, tuple[int, dict[str, Any]]] = current_app.extensions.setdefault("verified_tokens", {})
+    remembered = verified.get(header)
+    if remembered is not None and time.time() < remembered[0]:
+        claims = remembered[1]
+    else:
         verify_jwt_in_request()
         claims = get_jwt()
         # A token that never expires is not one we accept, whoever signed it.
@@ -33,7 +35,8 @@ def _verify() -> dict[str, Any]:
             abort(401, message="Invalid token: missing exp claim")
         if len(verified) >= VERIFIED_TOKENS_MAX:
             verified.clear()  # crude but bounded; the next requests fill it again
-        verified[header] = claims
+        # PyJWT accepts any exp that int() takes (a float, a numeric string) and compares int(exp) to now.
+        verified[header] = (int(claims["exp"]), claims)
     g.jwt_claims = claims  # the rate limiter keys by Host from these, without decoding the token again
     return claims
 
