@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import flask_smorest
-from flask import Flask, Request, g, has_app_context
+from flask import Flask, Request, g, has_request_context, request
 from flask_jwt_extended import JWTManager, get_jwt_identity, verify_jwt_in_request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -63,7 +63,8 @@ class OneTripRedisStorage(RedisStorage):
 
     flask-limiter hits the limit (one script call), then reads the count and TTL back for the X-RateLimit-*
     headers (two more calls). The script below returns both with the hit; `get`/`get_expiry` answer from it
-    for the rest of the same request. URIs: `connectors+redis://` and `connectors+rediss://`.
+    for the rest of the same request (kept in its WSGI environ).
+    URIs: `connectors+redis://` and `connectors+rediss://`.
     """
 
     STORAGE_SCHEME = ["connectors+redis", "connectors+rediss"]
@@ -80,14 +81,16 @@ class OneTripRedisStorage(RedisStorage):
         super().initialize_storage(uri)
         self.lua_incr_and_ttl = self.get_connection().register_script(self.INCR_AND_TTL)
 
+    WINDOWS = "connectors.limit_windows"  # in the WSGI environ: one request's, never another's
+
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         count, ttl = self.lua_incr_and_ttl([self.prefixed_key(key)], [expiry, amount])
-        if has_app_context():  # g lives for one request: a later request never sees these numbers
-            g.setdefault("limit_windows", {})[key] = (int(count), max(int(ttl), 0) + time.time())
+        if has_request_context():
+            request.environ.setdefault(self.WINDOWS, {})[key] = (int(count), max(int(ttl), 0) + time.time())
         return int(count)
 
     def _seen(self, key: str) -> tuple[int, float] | None:
-        return g.get("limit_windows", {}).get(key) if has_app_context() else None
+        return request.environ.get(self.WINDOWS, {}).get(key) if has_request_context() else None
 
     def get(self, key: str) -> int:
         seen = self._seen(key)
