@@ -15,7 +15,7 @@ from flask_migrate import Migrate
 from flask_smorest import Api, abort
 from flask_sqlalchemy import SQLAlchemy
 from limits.storage import RedisStorage
-from sqlalchemy import MetaData
+from sqlalchemy import Connection, MetaData
 from sqlalchemy.orm import DeclarativeBase
 from webargs.flaskparser import FlaskParser, is_json_request
 
@@ -73,6 +73,7 @@ class OneTripRedisStorage(RedisStorage):
         if tonumber(current) == tonumber(ARGV[2]) then redis.call("expire", KEYS[1], ARGV[1]) end
         return {current, redis.call("ttl", KEYS[1])}
     """
+    WINDOWS = "connectors.limit_windows"  # in the WSGI environ: one request's, never another's
 
     def __init__(self, uri: str, **options: Any) -> None:
         super().__init__(uri.removeprefix("connectors+"), **options)
@@ -80,8 +81,6 @@ class OneTripRedisStorage(RedisStorage):
     def initialize_storage(self, uri: str) -> None:
         super().initialize_storage(uri)
         self.lua_incr_and_ttl = self.get_connection().register_script(self.INCR_AND_TTL)
-
-    WINDOWS = "connectors.limit_windows"  # in the WSGI environ: one request's, never another's
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         count, ttl = self.lua_incr_and_ttl([self.prefixed_key(key)], [expiry, amount])
@@ -120,6 +119,12 @@ migrate = Migrate()
 api = Api()
 jwt = JWTManager()
 limiter = Limiter(key_func=rate_limit_key)
+
+
+def autocommit() -> Connection:
+    """A pooled connection without a transaction, for work that is one statement at a time: no BEGIN and
+    COMMIT (or ROLLBACK) round trips around it. Use as a context manager."""
+    return db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
 def init_extensions(app: Flask) -> None:

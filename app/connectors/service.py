@@ -17,7 +17,7 @@ from app.connectors.models import Connector
 from app.connectors.schemas import TIMESTAMP_FORMAT, load_config
 from app.crypto import Keyring, Sealed, SealError
 from app.errors import ConflictError, InvalidError, NotFoundError
-from app.extensions import db
+from app.extensions import autocommit, db
 
 
 def keyring() -> Keyring:
@@ -52,8 +52,7 @@ LIST_QUERY = (
 
 
 def list_connectors(host_id: uuid.UUID) -> list[dict[str, Any]]:
-    # One statement needs no transaction around it: autocommit saves the BEGIN and ROLLBACK round trips.
-    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with autocommit() as conn:
         rows = conn.execute(LIST_QUERY, {"host_id": host_id}).all()
     return [
         {
@@ -74,6 +73,20 @@ def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> Connector:
     if connector is None or connector.host_id != host_id:
         raise NotFoundError("Connector not found")
     return connector
+
+
+TYPE_QUERY = select(Connector.type).where(
+    Connector.id == bindparam("connector_id"), Connector.host_id == bindparam("host_id")
+)
+
+
+def find_connector_type(host_id: uuid.UUID, connector_id: uuid.UUID) -> str:
+    """The type of the Host's connector, read in one statement without loading it; 404 as get_connector."""
+    with autocommit() as conn:
+        found = conn.execute(TYPE_QUERY, {"connector_id": connector_id, "host_id": host_id}).scalar()
+    if found is None:
+        raise NotFoundError("Connector not found")
+    return found
 
 
 def create_connector(host_id: uuid.UUID, data: dict[str, Any]) -> Connector:

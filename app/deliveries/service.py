@@ -22,10 +22,10 @@ from sqlalchemy import Executable, bindparam, exists, insert, select, update
 
 from app.connectors.models import Connector
 from app.connectors.schemas import e164, email_address
-from app.connectors.service import get_connector, open_config
+from app.connectors.service import find_connector_type, get_connector, open_config
 from app.deliveries.models import FAILED, PENDING, SENDING, SENT, TIMEOUT, DeliveryAttempt
-from app.errors import InvalidError, NotFoundError
-from app.extensions import db
+from app.errors import InvalidError
+from app.extensions import autocommit, db
 from app.logs import request_id_var
 from app.timeutil import utcnow
 from worker.providers.base import BROKER_UNAVAILABLE, PROVIDER_CAUSED, WORKER_ERROR
@@ -91,7 +91,7 @@ def _log(statement: Executable) -> None:
     A statement on its own needs no BEGIN and COMMIT; those two round trips (and a SET LOCAL to skip the
     commit's fsync) cost more here than the fsync itself (~0.15 ms on PostgreSQL).
     """
-    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with autocommit() as conn:
         conn.execute(statement)
 
 
@@ -101,10 +101,7 @@ def _celery() -> Celery:
 
 def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) -> Outcome:
     """Queue one test send on the connector's queue and wait for its outcome."""
-    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        connector_type = conn.execute(CONNECTOR_TYPE, {"connector_id": connector_id, "host_id": host_id}).scalar()
-    if connector_type is None:  # another Host's connector is as unknown as a missing one
-        raise NotFoundError("Connector not found")
+    connector_type = find_connector_type(host_id, connector_id)
     destination = normalize_destination(connector_type, raw_destination)
     masked = mask(connector_type, destination)
     attempt_id = uuid.uuid4()
@@ -198,9 +195,6 @@ class Job:
     sealed: bytes  # the config as sealed when claimed: a verdict counts only for that config
 
 
-CONNECTOR_TYPE = select(Connector.type).where(
-    Connector.id == bindparam("connector_id"), Connector.host_id == bindparam("host_id")
-)
 # Worker statements, built once and run through Core: the ORM's identity map and unit of work cost more CPU
 # than these few rows need, and the worker runs one per delivery.
 CLAIM = (
@@ -221,7 +215,7 @@ def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
     so none is held during the provider call.
     """
     params = {"attempt_id": attempt_id}
-    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with autocommit() as conn:
         if conn.dialect.update_returning:
             connector_id = conn.execute(CLAIM.returning(DeliveryAttempt.connector_id), params).scalar()
         else:  # SQLite before 3.35: the same claim, then a read of what it claimed
