@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -25,7 +24,17 @@ from celery import Celery
 from bench import seed
 from bench.load import Line, WrkResult, median, write_lines, wrk
 from bench.peers import SMTP_PASSWORD, SMTP_USER, TELEGRAM_TOKEN
-from bench.stack import REDIS_DB, ROOT, Process, Stack, command_line, free_port, memory_kib, wait_until
+from bench.stack import (
+    REDIS_DB,
+    ROOT,
+    Process,
+    Stack,
+    command_line,
+    free_port,
+    memory_kib,
+    pythonpath_with_root,
+    wait_until,
+)
 
 CONNECTIONS = 32  # the Procfile's gunicorn serves 2 processes x 16 threads
 WARMUP_SECONDS = 2.0
@@ -129,7 +138,7 @@ def crud(settings: Settings, stack: Stack) -> list[Row]:
             **stack.env,
             "PORT": str(floor_port),
             "BENCH_FLOOR_BODIES": str(bodies),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), stack.env.get("PYTHONPATH")])),
+            "PYTHONPATH": pythonpath_with_root(stack.env),
         },
     )
     floor_url = f"http://127.0.0.1:{floor_port}"
@@ -445,7 +454,7 @@ def celery_floor(settings: Settings, stack: Stack, pool: int) -> list[Row]:
     env = {
         **stack.env,
         "REDIS_URL": redis_url,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), stack.env.get("PYTHONPATH")])),
+        "PYTHONPATH": pythonpath_with_root(stack.env),
     }
     process = stack.start("celery-floor", command=command, env=env)
     celery = floor_celery(redis_url)

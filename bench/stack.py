@@ -36,6 +36,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def pythonpath_with_root(env: dict[str, str]) -> str:
+    """PYTHONPATH with this checkout first, for processes that run a module of bench/ (the floors)."""
+    return os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+
+
 def procfile(source: Path) -> dict[str, str]:
     """The Procfile's commands by process name."""
     entries: dict[str, str] = {}
