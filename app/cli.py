@@ -1,4 +1,4 @@
-"""`flask --app wsgi token HOST_ID` and `flask --app wsgi reseal-configs`."""
+"""`flask --app wsgi token HOST_ID`, `flask --app wsgi reseal-configs` and `flask --app wsgi db ...`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,29 @@ from datetime import timedelta
 
 import click
 from flask import Flask
+from flask.cli import ScriptInfo
 from flask_jwt_extended import create_access_token
 
 from app.connectors.service import reseal_all
+from app.extensions import init_migrations
+
+
+@click.command(
+    "db",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+)
+@click.pass_context
+def _migrations(ctx: click.Context) -> None:
+    """Database migrations: Flask-Migrate's `db` commands, loaded only when asked for."""
+    init_migrations(ctx.ensure_object(ScriptInfo).load_app())
+    from flask_migrate.cli import db
+
+    db.main(args=ctx.args, prog_name=ctx.command_path, obj=ctx.obj, standalone_mode=False)
 
 
 def register_commands(app: Flask) -> None:
+    app.cli.add_command(_migrations)
+
     @app.cli.command("token")
     @click.argument("subject")
     @click.option("--hours", default=24.0, show_default=True, help="Lifetime of the token.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -11,7 +12,6 @@ from flask import Flask, Request, g, has_request_context, request
 from flask_jwt_extended import JWTManager, get_jwt_identity, verify_jwt_in_request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
-from flask_migrate import Migrate
 from flask_smorest import Api, abort
 from flask_sqlalchemy import SQLAlchemy
 from limits.storage import RedisStorage
@@ -115,7 +115,6 @@ def rate_limit_key() -> str:
 
 
 db = SQLAlchemy(model_class=Base)
-migrate = Migrate()
 api = Api()
 jwt = JWTManager()
 limiter = Limiter(key_func=rate_limit_key)
@@ -129,7 +128,18 @@ def autocommit() -> Connection:
 
 def init_extensions(app: Flask) -> None:
     db.init_app(app)
-    migrate.init_app(app, db, directory=str(app.config["MIGRATIONS_DIR"]), compare_type=True)
     jwt.init_app(app)
     limiter.init_app(app)
     api.init_app(app)
+
+
+def init_migrations(app: Flask) -> None:
+    """Flask-Migrate, set up only where migrations run (`flask db ...`, the tests).
+
+    It imports Alembic, Mako and Pygments: about 10 MiB in every web and worker process, which never migrate.
+    """
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at import
+    from flask_migrate import Migrate
+
+    if "migrate" not in app.extensions:
+        Migrate(app, db, directory=str(app.config["MIGRATIONS_DIR"]), compare_type=True)

@@ -138,6 +138,7 @@ def app(service_env: dict[str, str], fake_redis_server: fakeredis.FakeServer) ->
     from flask_migrate import upgrade
 
     from app import create_app
+    from app.extensions import init_migrations
 
     overrides: dict[str, Any] = {}
     if not USES_REDIS:
@@ -147,6 +148,7 @@ def app(service_env: dict[str, str], fake_redis_server: fakeredis.FakeServer) ->
         )
     flask_app = create_app(overrides, env=service_env)
     flask_app.config["TESTING"] = True
+    init_migrations(flask_app)
     with flask_app.app_context():
         upgrade(directory=str(ROOT / "migrations"))
     yield flask_app

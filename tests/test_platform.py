@@ -183,6 +183,32 @@ def test_migrations_are_at_head(app):
     assert version in heads
 
 
+def test_the_db_command_migrates_while_web_and_worker_never_load_alembic(tmp_path, service_env):
+    env = {
+        **service_env,
+        "PATH": str(Path(sys.executable).parent),
+        "INSTANCE_PATH": str(tmp_path),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.sqlite3'}",
+    }
+    env.pop("REDIS_URL", None)
+    flask = [sys.executable, "-m", "flask", "--app", "wsgi", "db"]
+    upgraded = subprocess.run([*flask, "upgrade"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert upgraded.returncode == 0, upgraded.stderr
+    current = subprocess.run([*flask, "current"], cwd=ROOT, env=env, capture_output=True, text=True)
+    heads = [p.stem.split("_")[0] for p in (ROOT / "migrations" / "versions").glob("*.py")]
+    assert any(f"{head} (head)" in current.stdout for head in heads), current.stdout + current.stderr
+    unknown = subprocess.run([*flask, "no-such-command"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "No such command" in unknown.stderr
+
+    # Alembic, Mako and Pygments are ~10 MiB that a serving process does not need.
+    probe = "import sys, wsgi, celery_app; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "'flask'" in loaded.stdout
+    for package in ("alembic", "flask_migrate", "mako", "pygments"):
+        assert f"'{package}'" not in loaded.stdout
+
+
 # --- OpenAPI ------------------------------------------------------------------------------------------------
 
 
