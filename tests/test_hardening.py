@@ -7,6 +7,7 @@ import os
 import resource
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -29,6 +30,7 @@ from tests.conftest import (
     new_host,
     service_headers,
 )
+from worker.providers import base
 from worker.providers.base import DeliveryError, ProviderSettings, literal_host_blocked
 from worker.providers.email import EmailProvider
 from worker.tasks import TEST_MESSAGE
@@ -236,6 +238,14 @@ def test_rate_limit_holds_under_concurrency(client):
     )
     assert statuses.count(201) == 10
     assert statuses.count(429) == 40
+
+
+def test_a_worker_pool_starting_together_builds_one_trust_store(monkeypatch):
+    # Each context is ~0.9 MiB held by the thread's HTTP client; fifty threads used to build up to fifty.
+    monkeypatch.setattr(base, "_tls", None)
+    contexts = _concurrently(16, lambda _: base.tls_context())
+    assert len({id(context) for context in contexts}) == 1
+    assert contexts[0].verify_mode == ssl.CERT_REQUIRED
 
 
 # --- faults ------------------------------------------------------------------------------------------------------
