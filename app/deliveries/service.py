@@ -229,34 +229,53 @@ def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
     return Job(connector.id, connector.type, open_config(connector), connector.config_sealed)
 
 
+# The outcome and the connector's verdict. Parameter names differ from column names: SQLAlchemy would read
+# a parameter named like a column as one more column to SET.
+RECORD = (
+    update(DeliveryAttempt)
+    .where(DeliveryAttempt.id == bindparam("attempt_id"))
+    .values(
+        status=bindparam("new_status"),
+        error_code=bindparam("new_error_code"),
+        message=bindparam("new_message"),
+        delivery_time_ms=bindparam("new_delivery_time_ms"),
+        finished_at=bindparam("now"),
+    )
+)
+# updated_at is set here: a column's onupdate is not applied to an UPDATE that carries a CTE. The verdict
+# counts only for the config that was tested: a config replaced meanwhile has not been tested.
+VERDICT = (
+    update(Connector)
+    .where(Connector.id == bindparam("job_connector_id"), Connector.config_sealed == bindparam("job_sealed"))
+    .values(is_verified=bindparam("verified"), updated_at=bindparam("now"))
+)
+# PostgreSQL: both writes in one statement (a data-modifying CTE), atomic, one round trip instead of four.
+_RECORDED = RECORD.returning(DeliveryAttempt.id).cte("recorded")
+RECORD_WITH_VERDICT = VERDICT.where(exists(select(_RECORDED.c.id)))
+
+
 def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
     """Record the outcome; the provider's verdict decides is_verified, our own failures leave it be."""
-    record = (
-        update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == attempt_id)
-        .values(
-            status=SENT if outcome.success else FAILED,
-            error_code=outcome.error_code,
-            message=outcome.message,
-            delivery_time_ms=outcome.delivery_time_ms,
-            finished_at=utcnow(),
-        )
-    )
+    params: dict[str, Any] = {
+        "attempt_id": attempt_id,
+        "new_status": SENT if outcome.success else FAILED,
+        "new_error_code": outcome.error_code,
+        "new_message": outcome.message,
+        "new_delivery_time_ms": outcome.delivery_time_ms,
+        "now": utcnow(),
+    }
     if job is None or not (outcome.success or outcome.error_code in PROVIDER_CAUSED):
-        _log(record)
+        with autocommit() as conn:
+            conn.execute(RECORD, params)
         return
-    # updated_at set here: the column's onupdate is not applied to an UPDATE that carries a CTE.
-    verdict = update(Connector).values(is_verified=outcome.success, updated_at=utcnow())
-    # Only for the config that was tested: a config replaced meanwhile has not been tested.
-    same_config = (Connector.id == job.connector_id) & (Connector.config_sealed == job.sealed)
+    params.update(job_connector_id=job.connector_id, job_sealed=job.sealed, verified=outcome.success)
     if db.engine.dialect.name == "postgresql":
-        # Both writes in one statement (a data-modifying CTE): atomic, and one round trip instead of four.
-        recorded = record.returning(DeliveryAttempt.id).cte("recorded")
-        _log(verdict.where(same_config, exists(select(recorded.c.id))))
+        with autocommit() as conn:
+            conn.execute(RECORD_WITH_VERDICT, params)
         return
     with db.engine.begin() as conn:
-        conn.execute(record)
-        conn.execute(verdict.where(same_config))
+        conn.execute(RECORD, params)
+        conn.execute(VERDICT, params)
 
 
 def list_attempts(host_id: uuid.UUID, connector_id: uuid.UUID, limit: int) -> list[DeliveryAttempt]:
