@@ -202,10 +202,12 @@ CLAIM = (
     .where(DeliveryAttempt.id == bindparam("attempt_id"), DeliveryAttempt.status == PENDING)
     .values(status=SENDING)
 )
+JOB_COLUMNS = (Connector.id, Connector.host_id, Connector.type, Connector.config_key_id, Connector.config_sealed)
+# PostgreSQL: the claim and the read of its connector in one statement (UPDATE ... FROM ... RETURNING).
+# SQLite cannot return the joined table's columns, so it claims, then reads.
+CLAIM_JOB = CLAIM.where(Connector.id == DeliveryAttempt.connector_id).returning(*JOB_COLUMNS)
 CLAIMED_CONNECTOR = select(DeliveryAttempt.connector_id).where(DeliveryAttempt.id == bindparam("attempt_id"))
-JOB_CONNECTOR = select(
-    Connector.id, Connector.host_id, Connector.type, Connector.config_key_id, Connector.config_sealed
-).where(Connector.id == bindparam("connector_id"))
+JOB_CONNECTOR = select(*JOB_COLUMNS).where(Connector.id == bindparam("connector_id"))
 
 
 def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
@@ -216,14 +218,17 @@ def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
     """
     params = {"attempt_id": attempt_id}
     with autocommit() as conn:
-        if conn.dialect.update_returning:
-            connector_id = conn.execute(CLAIM.returning(DeliveryAttempt.connector_id), params).scalar()
-        else:  # SQLite before 3.35: the same claim, then a read of what it claimed
-            claimed = conn.execute(CLAIM, params).rowcount == 1
-            connector_id = conn.execute(CLAIMED_CONNECTOR, params).scalar() if claimed else None
-        if connector_id is None:
-            return None
-        connector = conn.execute(JOB_CONNECTOR, {"connector_id": connector_id}).one_or_none()
+        if conn.dialect.name == "postgresql":
+            connector = conn.execute(CLAIM_JOB, params).one_or_none()
+        else:
+            if conn.dialect.update_returning:
+                connector_id = conn.execute(CLAIM.returning(DeliveryAttempt.connector_id), params).scalar()
+            else:  # SQLite before 3.35: the same claim, then a read of what it claimed
+                claimed = conn.execute(CLAIM, params).rowcount == 1
+                connector_id = conn.execute(CLAIMED_CONNECTOR, params).scalar() if claimed else None
+            if connector_id is None:
+                return None
+            connector = conn.execute(JOB_CONNECTOR, {"connector_id": connector_id}).one_or_none()
     if connector is None:
         return None
     return Job(connector.id, connector.type, open_config(connector), connector.config_sealed)
