@@ -465,6 +465,8 @@ def celery_floor(settings: Settings, stack: Stack, pool: int) -> list[Row]:
             what="the Celery floor's worker",
             process=process,
         )
+        floor_pid = _process_pid(process, "celery")
+        ready_kib = memory_kib(floor_pid)[0]
         p50s, p95s, rates = [], [], []
         for _ in range(settings.runs):
             # Figure 2's shape: send on a queue, wait for the result on pub/sub, forget it.
@@ -488,10 +490,17 @@ def celery_floor(settings: Settings, stack: Stack, pool: int) -> list[Row]:
                 time.sleep(0.05)
             rates.append(FLOOR_SLEEPS / (time.monotonic() - started))
             client.flushdb()
+        peak_kib = memory_kib(floor_pid)[1]
     finally:
         process.stop()
         client.flushdb()
-    settings.results["celery_floor"] = {"round_trip_p50_ms": p50s, "round_trip_p95_ms": p95s, "sleep_rates": rates}
+    settings.results["celery_floor"] = {
+        "round_trip_p50_ms": p50s,
+        "round_trip_p95_ms": p95s,
+        "sleep_rates": rates,
+        "worker_ready_kib": ready_kib,
+        "worker_peak_kib": peak_kib,
+    }
     ideal = pool / PROVIDER_SECONDS
     rate = median(rates)
     return [
@@ -500,6 +509,9 @@ def celery_floor(settings: Settings, stack: Stack, pool: int) -> list[Row]:
         Row("2 Test delivery", "Celery alone: no-op task round trip, 1 concurrent, p95", "ms", median(p95s)),
         Row("3 Worker", f"Celery alone: 100 ms sleep tasks/s, pool {pool}", "msg/s", rate, ideal, rate / ideal,
             note="the most any delivery code could reach"),
+        Row("4 Memory", f"Celery alone: worker peak RSS after {settings.runs * FLOOR_SLEEPS:,} sleep tasks", "MiB",
+            peak_kib / 1024, check=f"{ready_kib / 1024:.1f} MiB when ready",
+            note="its tasks import app.queues, so Flask, SQLAlchemy and Celery, but no provider"),
     ]  # fmt: skip
 
 
