@@ -14,21 +14,34 @@ from app.connectors.service import reseal_all
 from app.extensions import init_migrations
 
 
-@click.command(
-    "db",
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
-)
-@click.pass_context
-def _migrations(ctx: click.Context) -> None:
-    """Database migrations: Flask-Migrate's `db` commands, loaded only when asked for."""
-    init_migrations(ctx.ensure_object(ScriptInfo).load_app())
-    from flask_migrate.cli import db
+class _MigrationsCommand(click.Command):
+    """`flask db ...`: Flask-Migrate's `db` group, imported only when the command runs.
 
-    db.main(args=ctx.args, prog_name=ctx.command_path, obj=ctx.obj, standalone_mode=False)
+    Its arguments go to that group untouched (`--` included), with the same `FLASK_DB_*` variables and the
+    same exit status, so the release phase still fails on a failing migration.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.args = list(args)
+        return []
+
+    def invoke(self, ctx: click.Context) -> None:
+        init_migrations(ctx.ensure_object(ScriptInfo).load_app())
+        from flask_migrate.cli import db
+
+        status = db.main(
+            args=ctx.args,
+            prog_name=ctx.command_path,
+            obj=ctx.obj,
+            auto_envvar_prefix=ctx.auto_envvar_prefix,
+            standalone_mode=False,
+        )
+        if isinstance(status, int) and status:
+            ctx.exit(status)
 
 
 def register_commands(app: Flask) -> None:
-    app.cli.add_command(_migrations)
+    app.cli.add_command(_MigrationsCommand("db", help="Database migrations (Flask-Migrate's `db` commands)."))
 
     @app.cli.command("token")
     @click.argument("subject")

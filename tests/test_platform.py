@@ -192,12 +192,23 @@ def test_the_db_command_migrates_while_web_and_worker_never_load_alembic(tmp_pat
     }
     env.pop("REDIS_URL", None)
     flask = [sys.executable, "-m", "flask", "--app", "wsgi", "db"]
-    upgraded = subprocess.run([*flask, "upgrade"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert upgraded.returncode == 0, upgraded.stderr
-    current = subprocess.run([*flask, "current"], cwd=ROOT, env=env, capture_output=True, text=True)
-    heads = [p.stem.split("_")[0] for p in (ROOT / "migrations" / "versions").glob("*.py")]
-    assert any(f"{head} (head)" in current.stdout for head in heads), current.stdout + current.stderr
-    unknown = subprocess.run([*flask, "no-such-command"], cwd=ROOT, env=env, capture_output=True, text=True)
+
+    def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*flask, *args], cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True)
+
+    def at_head() -> bool:
+        current = run("current")
+        assert current.returncode == 0, current.stderr
+        return "(head)" in current.stdout
+
+    assert run("upgrade").returncode == 0 and at_head()
+    # Everything after `db` reaches Flask-Migrate as typed: `--` before a relative revision, FLASK_DB_* too.
+    assert run("downgrade", "--", "-1").returncode == 0 and not at_head()
+    assert run("upgrade", "-d", str(ROOT / "migrations")).returncode == 0 and at_head()
+    assert run("heads", FLASK_DB_DIRECTORY=str(tmp_path / "nowhere")).returncode == 1
+    # A failing migration fails the release phase.
+    assert run("upgrade", "no-such-revision").returncode == 1
+    unknown = run("no-such-command")
     assert unknown.returncode == 2 and "No such command" in unknown.stderr
 
     # Alembic, Mako and Pygments are ~10 MiB that a serving process does not need.
