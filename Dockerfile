@@ -5,8 +5,8 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
-COPY wsgi.py celery_app.py Procfile ./
+COPY wsgi.py celery_app.py gunicorn.conf.py Procfile ./
 RUN pip install --no-cache-dir . && useradd --system --home /srv connectors && chown -R connectors /srv
 USER connectors
 EXPOSE 8000
-CMD ["sh", "-c", "gunicorn wsgi:app --bind 0.0.0.0:$PORT --worker-class gthread --workers ${WEB_CONCURRENCY:-2} --threads ${GUNICORN_THREADS:-16} --timeout 60 --graceful-timeout 30 --no-control-socket"]
+CMD ["gunicorn", "wsgi:app"]

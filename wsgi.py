@@ -1,5 +1,5 @@
 """Entry point for gunicorn (`wsgi:app`) and the flask CLI (`flask --app wsgi ...`)."""
 
-from app import create_app
+from app.boot import app_or_exit
 
-app = create_app()
+app = app_or_exit()

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 log = logging.getLogger(__name__)
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -58,6 +61,7 @@ def _master_key(name: str, raw: str) -> bytes:
 
 
 def database_url(raw: str | None, instance_path: Path) -> str:
+    """The SQLAlchemy URL for DATABASE_URL (SQLite in the instance folder when unset)."""
     if not raw:
         return f"sqlite:///{instance_path / 'connectors.sqlite3'}"
     # Heroku still hands out the scheme SQLAlchemy 2 no longer accepts.
@@ -65,7 +69,32 @@ def database_url(raw: str | None, instance_path: Path) -> str:
         raw = "postgresql://" + raw[len("postgres://") :]
     if raw.startswith("postgresql://"):
         raw = "postgresql+psycopg://" + raw[len("postgresql://") :]
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigError(
+            "DATABASE_URL is not a database URL (expected postgresql://user:password@host:port/name)"
+        ) from None
+    if url.get_backend_name() not in {"postgresql", "sqlite"}:
+        raise ConfigError(f"DATABASE_URL must be a postgresql:// (or sqlite://) URL, not {url.get_backend_name()}://")
     return raw
+
+
+def engine_options(url: str, pool_size: int) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        # Threads that share a process (gunicorn threads, the worker's pool) each need a connection now and
+        # then; too small a pool makes them queue, and its overflow opens and closes a connection per use.
+        "pool_size": pool_size,
+        "max_overflow": 10,
+        # A connection the server closed (restart, failover, idle timeout) is replaced before use.
+        "pool_pre_ping": True,
+        # A request waits at most this long for a connection, then answers 503 rather than hanging.
+        "pool_timeout": 10,
+    }
+    if url.startswith("postgresql"):
+        # An unreachable server (a dropped route, a firewall) fails in seconds, not after the OS's minutes.
+        options["connect_args"] = {"connect_timeout": 5}
+    return options
 
 
 def _local_secrets(instance_path: Path) -> dict[str, str]:
@@ -135,15 +164,13 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
 
+    database = database_url(env.get("DATABASE_URL", "").strip(), instance_path)
+    embedded = not env.get("DATABASE_URL", "").strip()
     return {
         "APP_ENV": app_env,
-        "SQLALCHEMY_DATABASE_URI": database_url(env.get("DATABASE_URL", "").strip(), instance_path),
-        # Threads that share a process (gunicorn threads, the worker's pool) each need a connection now and
-        # then; too small a pool makes them queue, and its overflow opens and closes a connection per use.
-        "SQLALCHEMY_ENGINE_OPTIONS": {
-            "pool_size": int(_number(env, "DB_POOL_SIZE", 20, 1, 1000)),
-            "max_overflow": 10,
-        },
+        "EMBEDDED": embedded,
+        "SQLALCHEMY_DATABASE_URI": database,
+        "SQLALCHEMY_ENGINE_OPTIONS": engine_options(database, int(_number(env, "DB_POOL_SIZE", 20, 1, 1000))),
         "REDIS_URL": redis_url,
         "REDIS_SSL_CERT_REQS": redis_cert_reqs,
         "JWT_SECRET_KEY": jwt_secret,
@@ -151,7 +178,10 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
         "OLD_MASTER_KEYS": old_keys,
         "TEST_DELIVERY_TIMEOUT": test_timeout,
         "PROVIDER_TIMEOUT": provider_timeout,
-        "ALLOW_PRIVATE_DESTINATIONS": _bool(env, "ALLOW_PRIVATE_DESTINATIONS", False),
+        # On a laptop's embedded defaults, the development mail sink on 127.0.0.1 must be reachable.
+        "ALLOW_PRIVATE_DESTINATIONS": _bool(env, "ALLOW_PRIVATE_DESTINATIONS", embedded and not production),
+        "TEST_WAITS_PER_PROCESS": int(_number(env, "TEST_WAITS_PER_PROCESS", 8, 1, 10_000)),
+        "SWEEP_INTERVAL": _number(env, "SWEEP_INTERVAL", 15.0, 1.0, 3600.0),
         "TWILIO_API_BASE_URL": env.get("TWILIO_API_BASE_URL", "https://api.twilio.com").rstrip("/"),
         "WHATSAPP_API_BASE_URL": env.get("WHATSAPP_API_BASE_URL", "https://graph.facebook.com").rstrip("/"),
         "TELEGRAM_API_BASE_URL": env.get("TELEGRAM_API_BASE_URL", "https://api.telegram.org").rstrip("/"),

@@ -1,4 +1,4 @@
-"""One JSON error envelope for every error: `{code, status, message, errors?}`."""
+"""One JSON error envelope for every error: `{code, status, message, errors?, error_code?}`."""
 
 from __future__ import annotations
 
@@ -11,21 +11,38 @@ from flask import Flask, Response, jsonify
 from flask_jwt_extended import JWTManager
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException, InternalServerError
+
+from app.outcomes import ERROR_CODES
 
 log = logging.getLogger(__name__)
 
 # Extra keys an `abort(...)` may add to the envelope (the 502 of a failed test delivery uses them).
 EXTRA_KEYS = ("success", "error_code")
+# The database cannot be reached (down, restarting, out of connections): a 503, and try again.
+DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout)
+DATABASE_RETRY_AFTER = 5
+# error_code values of errors that are not delivery outcomes.
+DATABASE_UNAVAILABLE, BUSY, IN_PROGRESS, IDEMPOTENCY_KEY_REUSED, NO_ROUTE = (
+    "database_unavailable", "busy", "in_progress", "idempotency_key_reused", "no_route"
+)  # fmt: skip
+SERVICE_ERROR_CODES = (DATABASE_UNAVAILABLE, BUSY, IN_PROGRESS, IDEMPOTENCY_KEY_REUSED, NO_ROUTE)
 
 
 class ErrorEnvelopeSchema(Schema):
-    code = fields.Integer(required=True)
-    status = fields.String(required=True)
-    message = fields.String(required=True)
+    code = fields.Integer(required=True, metadata={"description": "The HTTP status code"})
+    status = fields.String(required=True, metadata={"description": "The HTTP status phrase"})
+    message = fields.String(required=True, metadata={"description": "What went wrong, for a person"})
     errors = fields.Dict(metadata={"description": "Per-field messages, validation errors only"})
-    success = fields.Boolean(metadata={"description": "false, on a failed test delivery"})
-    error_code = fields.String(metadata={"description": "Why a test delivery failed (README)"})
+    success = fields.Boolean(metadata={"description": "false, on a failed test or check"})
+    error_code = fields.String(
+        metadata={
+            "description": "Why it failed, for a program (README, error codes)",
+            "enum": [*ERROR_CODES, *SERVICE_ERROR_CODES],
+        }
+    )
 
 
 def documents_errors(blp: Blueprint, *codes: int) -> Callable[[Callable], Callable]:
@@ -43,11 +60,14 @@ class ServiceError(Exception):
     """Raised by services; becomes the JSON envelope with `status_code`."""
 
     status_code = 400
+    error_code: str | None = None
+    retry_after: int | None = None
 
-    def __init__(self, message: str, errors: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, errors: dict[str, Any] | None = None, error_code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.errors = errors
+        self.error_code = error_code or self.error_code
 
 
 class InvalidError(ServiceError):
@@ -62,6 +82,18 @@ class ConflictError(ServiceError):
     status_code = 409
 
 
+class UnprocessableError(ServiceError):
+    status_code = 422
+
+
+class BusyError(ServiceError):
+    """This process already waits on as many tests as it may: the caller should come back shortly."""
+
+    status_code = 503
+    error_code = BUSY
+    retry_after = 5
+
+
 def error_response(code: int, message: str | None = None, **extra: Any) -> Response:
     status = HTTPStatus(code)
     payload: dict[str, Any] = {"code": code, "status": status.phrase, "message": message or status.description}
@@ -74,12 +106,23 @@ def error_response(code: int, message: str | None = None, **extra: Any) -> Respo
     return response
 
 
+def _message(error: HTTPException, data: dict[str, Any]) -> str:
+    if data.get("message"):
+        return data["message"]
+    if error.code == 400 and (data.get("messages") or data.get("errors")):
+        return "Validation failed: see errors"
+    if error.code == 429:
+        limit = getattr(error, "limit", None)
+        what = f" of {limit.limit}" if limit is not None else ""
+        return f"Rate limit{what} exceeded for this endpoint; retry after the time in Retry-After (seconds)"
+    return error.description or HTTPStatus(error.code or 500).description
+
+
 def handle_http_exception(error: HTTPException) -> Response:
     data = getattr(error, "data", None) or {}
-    message = data.get("message") or error.description
     extra = {key: data[key] for key in EXTRA_KEYS if key in data}
     errors = data.get("messages") or data.get("errors")
-    response = error_response(error.code or 500, message, errors=errors, **extra)
+    response = error_response(error.code or 500, _message(error, data), errors=errors, **extra)
     for name, value in error.get_headers():
         if name.lower() != "content-type":
             response.headers[name] = value
@@ -89,18 +132,48 @@ def handle_http_exception(error: HTTPException) -> Response:
 
 
 def handle_service_error(error: ServiceError) -> Response:
-    return error_response(error.status_code, error.message, errors=error.errors)
+    response = error_response(error.status_code, error.message, errors=error.errors, error_code=error.error_code)
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
+
+
+def discard_session() -> None:
+    """Drop the request's database session after the database failed under it; never raises."""
+    from app.extensions import db
+
+    try:
+        db.session.remove()
+    except Exception as exc:  # the rollback on a dead connection fails too; the pool replaces it
+        log.warning("discarded a database session: %s", type(exc).__name__)
+        db.session.registry.clear()
+
+
+def handle_database_down(error: Exception) -> Response:
+    log.error("database unavailable: %s", type(error).__name__, exc_info=error)
+    discard_session()
+    response = error_response(503, "The database is unavailable; try again shortly", error_code=DATABASE_UNAVAILABLE)
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
+    return response
 
 
 def handle_unexpected(error: Exception) -> Response:
-    log.exception("unhandled error: %s", type(error).__name__)
+    log.error("unhandled error: %s", type(error).__name__, exc_info=error)
     return error_response(500, InternalServerError.description)
 
 
 def register_error_handlers(app: Flask, jwt: JWTManager) -> None:
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(ServiceError, handle_service_error)
+    for error in DATABASE_DOWN:
+        app.register_error_handler(error, handle_database_down)
     app.register_error_handler(Exception, handle_unexpected)
+
+    # A database that went away during the request must not turn its answer (perhaps a committed success)
+    # into an error page when the session's rollback fails at teardown. Teardowns run in reverse order of
+    # registration, so this one runs before Flask-SQLAlchemy's own `session.remove()`, which then has
+    # nothing left to do.
+    app.teardown_appcontext(lambda _exc: discard_session())
 
     # flask-jwt-extended answers 422 for some bad tokens; every bad token is a 401 here.
     def unauthorized(reason: str) -> Response:

@@ -8,9 +8,8 @@ from flask.views import MethodView
 from marshmallow import Schema, fields
 from sqlalchemy import text
 
-from app.connectors.models import CONNECTOR_TYPES
 from app.extensions import Blueprint, db, limiter
-from app.queues import redis_client_options
+from app.queues import queue_names, redis_client_options
 
 blp = Blueprint("health", __name__, url_prefix="/api/health", description="Liveness and readiness")
 
@@ -62,7 +61,7 @@ def _check_workers() -> dict[str, str]:
     except Exception:
         replies = {}
     served = {queue["name"] for queues in replies.values() for queue in queues or []}
-    return {f"worker:{name}": "ok" if name in served else "down" for name in CONNECTOR_TYPES}
+    return {f"worker:{name}": "ok" if name in served else "down" for name in queue_names()}
 
 
 @blp.route("/ready")

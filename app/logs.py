@@ -14,23 +14,13 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
+from app.redact import redact
+
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # Libraries that log request URLs or bodies at INFO/DEBUG; a Telegram URL carries the bot token.
 QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "telegram", "twilio", "hpack", "asyncio", "sqlalchemy.engine")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Defence in depth: never let a bot token or a bearer credential through, whatever logged it.
-SECRET_PATTERNS = (
-    re.compile(r"bot[0-9]{3,20}:[A-Za-z0-9_-]{20,}"),
-    re.compile(r"[0-9]{3,20}:[A-Za-z0-9_-]{30,}"),
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
-)
-
-
-def redact(text: str) -> str:
-    for pattern in SECRET_PATTERNS:
-        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "[redacted]", text)
-    return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,7 +36,9 @@ class JsonFormatter(logging.Formatter):
             entry["request_id"] = request_id
         entry.update(getattr(record, "fields", {}))
         if record.exc_info and record.exc_info[0] is not None:
-            entry["error_type"] = record.exc_info[0].__name__  # never the traceback text: it can quote secrets
+            entry["error_type"] = record.exc_info[0].__name__
+            # A field of the line, never raw lines on stderr, and scrubbed like the message: it can quote secrets.
+            entry["traceback"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.json import dumps, loads
 
-from app.connectors.models import CONNECTOR_TYPES
+from app.channels import CHANNELS
 
 
 class _AtomicChannel(filesystem.Channel):
@@ -59,6 +59,15 @@ TRANSPORT_ALIASES["embeddedfs"] = f"{__name__}:EmbeddedFilesystemTransport"
 # Fail fast when Redis is down: the caller is waiting on an HTTP request.
 FAIL_FAST = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
+# Periodic work (the sweep) runs here; each connector type's sends and checks run on the type's own queue,
+# so a slow provider holds up only its own kind.
+MAINTENANCE_QUEUE = "maintenance"
+
+
+def queue_names() -> list[str]:
+    return [*(kind.queue for kind in CHANNELS.values()), MAINTENANCE_QUEUE]
+
+
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
 
@@ -72,8 +81,12 @@ def redis_client_options(settings: dict[str, Any]) -> dict[str, Any]:
 def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, Any]:
     common: dict[str, Any] = {
         "include": ["worker.tasks"],
-        "task_queues": [Queue(name, routing_key=name) for name in CONNECTOR_TYPES],
-        "task_default_queue": CONNECTOR_TYPES[0],
+        "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in queue_names()],
+        "task_default_queue": MAINTENANCE_QUEUE,
+        "beat_schedule": {
+            "sweep": {"task": "maintenance.sweep", "schedule": settings["SWEEP_INTERVAL"]},
+        },
+        "beat_schedule_filename": str(instance_path / "celerybeat-schedule"),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -90,6 +103,10 @@ def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, 
     if redis_url:
         timeouts = {"socket_connect_timeout": 3, "socket_timeout": 10, "health_check_interval": 10}
         common.update(
+            # Redis answering OOM or READONLY (after a failover) raises kombu *channel* errors, which a worker
+            # otherwise treats as fatal and exits on: retry them like a lost connection, for ever.
+            broker_channel_error_retry=True,
+            broker_connection_max_retries=None,
             broker_url=redis_url,
             result_backend=redis_url,
             broker_transport_options={**timeouts, **FAIL_FAST},

@@ -143,9 +143,7 @@ def app(service_env: dict[str, str], fake_redis_server: fakeredis.FakeServer) ->
     overrides: dict[str, Any] = {}
     if not USES_REDIS:
         pool = redis.ConnectionPool(server=fake_redis_server, connection_class=fakeredis.FakeRedisConnection)
-        overrides.update(
-            RATELIMIT_STORAGE_URI="connectors+redis://fakeredis", RATELIMIT_STORAGE_OPTIONS={"connection_pool": pool}
-        )
+        overrides.update(RATELIMIT_STORAGE_URI="redis://fakeredis", RATELIMIT_STORAGE_OPTIONS={"connection_pool": pool})
     flask_app = create_app(overrides, env=service_env)
     flask_app.config["TESTING"] = True
     init_migrations(flask_app)
@@ -157,7 +155,7 @@ def app(service_env: dict[str, str], fake_redis_server: fakeredis.FakeServer) ->
 def _start_worker_subprocess(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "celery", "-A", "celery_app", "worker",
-        "-Q", "email,sms,whatsapp,telegram", "--pool", "threads", "--concurrency", "8",
+        "--pool", "threads", "--concurrency", "8",
         "--without-heartbeat", "--without-mingle", "--without-gossip", "--loglevel", "DEBUG",
     ]  # fmt: skip
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process

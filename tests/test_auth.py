@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
 
@@ -75,7 +76,7 @@ def test_a_token_with_only_sub_iat_exp_is_accepted(client):
     assert client.get("/api/connectors", headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
 
-def test_a_remembered_token_is_refused_once_it_expires(client):
+def test_a_token_is_refused_once_it_expires(client):
     host = str(uuid.uuid4())
     exp = time.time() + 1.5
     token = pyjwt.encode({"sub": host, "iat": int(time.time()), "exp": exp}, JWT_SECRET, algorithm="HS256")
@@ -86,28 +87,44 @@ def test_a_remembered_token_is_refused_once_it_expires(client):
     assert expired.status_code == 401 and expired.get_json()["message"] == "Token has expired"
 
 
-def test_a_token_whose_exp_is_a_numeric_string_works_twice(client):
-    # PyJWT takes any exp that int() takes; the remembered token must be compared the same way.
-    token = pyjwt.encode(
-        {"sub": str(uuid.uuid4()), "iat": int(time.time()), "exp": str(int(time.time()) + 600)},
-        JWT_SECRET,
-        algorithm="HS256",
-    )
-    headers = {"Authorization": f"Bearer {token}"}
-    assert [client.get("/api/connectors", headers=headers).status_code for _ in range(2)] == [200, 200]
+def test_every_protected_view_goes_through_flask_jwt_extended_on_every_request(app, client, service_env):
+    """get_jwt() works in every protected view, on the first and on the second request with one token."""
+    from flask import request_finished
+    from flask_jwt_extended import get_jwt
 
-
-def test_a_token_remembered_by_one_app_is_not_trusted_by_an_app_with_another_secret(app, client, service_env):
     from app import create_app
 
-    token = make_token(str(uuid.uuid4()))
-    assert client.get("/api/connectors", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    host_token = make_token(str(uuid.uuid4()))
+    service_token = make_token("will-service", role="service")
+    protected = [
+        (rule, method)
+        for rule in app.url_map.iter_rules()
+        if rule.rule.startswith(("/api/connectors", "/api/internal"))
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"})
+    ]
+    assert len(protected) >= 6
+    seen: list[str | None] = []
+
+    def claims_in_view(sender, response, **extra):  # noqa: ANN001, ANN202, ARG001
+        seen.append(get_jwt().get("sub"))  # raises outside a view that verified a token
+
+    with request_finished.connected_to(claims_in_view, app):
+        for rule, method in protected:
+            path = re.sub(r"<[^>]+>", str(uuid.uuid4()), rule.rule)
+            token = service_token if rule.rule.startswith("/api/internal") else host_token
+            for _ in range(2):
+                seen.clear()
+                response = client.open(path, method=method, headers={"Authorization": f"Bearer {token}"}, json={})
+                assert response.status_code != 500, (method, path, response.get_json())
+                assert seen and seen[0] in {"will-service", jwt_sub(host_token)}, (method, path, response.status_code)
+    # Key rotation takes effect at once: an app with another secret refuses the same token.
     other = create_app(env={**service_env, "JWT_SECRET_KEY": "a-different-secret-" + "y" * 32})
-    try:
-        refused = other.test_client().get("/api/connectors", headers={"Authorization": f"Bearer {token}"})
-        assert refused.status_code == 401
-    finally:
-        app.extensions["celery"].set_default()
+    refused = other.test_client().get("/api/connectors", headers={"Authorization": f"Bearer {host_token}"})
+    assert refused.status_code == 401
+
+
+def jwt_sub(token: str) -> str:
+    return pyjwt.decode(token, options={"verify_signature": False})["sub"]
 
 
 def test_the_will_endpoint_refuses_host_tokens_with_403(client):

@@ -373,8 +373,7 @@ def _stored_results(app) -> str:
     return repr(rows)
 
 
-@pytest.mark.parametrize("returning", [True, False], ids=["update-returning", "without-returning"])
-def test_an_attempt_is_claimed_once_with_or_without_update_returning(app, client, host, monkeypatch, returning):
+def test_an_attempt_is_claimed_once(app, client, host):
     from app.deliveries.models import DeliveryAttempt
     from app.deliveries.service import claim_attempt
     from app.extensions import db
@@ -382,7 +381,6 @@ def test_an_attempt_is_claimed_once_with_or_without_update_returning(app, client
     connector = create_connector(client, host, "telegram")
     attempt_id = uuid.uuid4()
     with app.app_context():
-        monkeypatch.setattr(db.engine.dialect, "update_returning", returning)
         db.session.add(DeliveryAttempt(id=attempt_id, connector_id=uuid.UUID(connector["id"]), destination="***789"))
         db.session.commit()
         job = claim_attempt(attempt_id)

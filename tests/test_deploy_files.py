@@ -1,7 +1,7 @@
 """The deployment files agree with each other, with the README and with the code.
 
-The Procfile is the source of truth for the three process types; docker-compose.yml and the Dockerfile must
-run the same commands, and every setting they pass must be one the README documents and the code reads.
+The Procfile is the source of truth for the process types; docker-compose.yml and the Dockerfile must run the
+same commands, and every setting they pass must be one the README documents and the code reads.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-QUEUES = ["email", "sms", "whatsapp", "telegram"]
-APP_SERVICES = ("migrate", "web", "worker")
-COMPOSE_FOR_PROCFILE = {"migrate": "release", "web": "web", "worker": "worker"}
-# Read by the Procfile's command lines or by Python itself rather than by app/.
+APP_SERVICES = ("migrate", "web", "worker", "beat")
+LONG_RUNNING = ("web", "worker", "beat")
+COMPOSE_FOR_PROCFILE = {"migrate": "release", "web": "web", "worker": "worker", "beat": "beat"}
+# Read by gunicorn.conf.py, the Procfile's command lines or Python itself rather than by app/.
 NOT_READ_BY_APP = {"PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "WORKER_CONCURRENCY", "SSL_CERT_FILE"}
 SHELL_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -98,9 +98,9 @@ def app_sources() -> str:
 # --- Procfile ---------------------------------------------------------------------------------------------
 
 
-def test_procfile_declares_exactly_release_web_and_worker_once_each():
+def test_procfile_declares_release_web_worker_and_beat_once_each():
     names = [name for name, _ in procfile_lines()]
-    assert sorted(names) == ["release", "web", "worker"]
+    assert sorted(names) == ["beat", "release", "web", "worker"]
     assert len(names) == len(set(names))
 
 
@@ -108,27 +108,53 @@ def test_release_runs_the_migrations():
     assert shlex.split(procfile()["release"]) == ["flask", "--app", "wsgi", "db", "upgrade"]
 
 
-def test_web_runs_gunicorn_on_every_interface_at_port():
-    words = shlex.split(procfile()["web"])
-    assert words[:2] == ["gunicorn", "wsgi:app"]
-    assert option(words, "--bind", "-b") in {"0.0.0.0:$PORT", "0.0.0.0:${PORT}"}
+def test_web_runs_gunicorn_with_its_config_file_on_every_interface_at_port(monkeypatch):
+    assert shlex.split(procfile()["web"]) == ["gunicorn", "wsgi:app"]
+    import runpy
+
+    monkeypatch.setenv("PORT", "6123")
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    embedded = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    assert embedded["bind"] == "0.0.0.0:6123" and embedded["worker_class"] == "gthread"
+    assert embedded["workers"] == 1, "in-memory limits hold only in one process"
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert runpy.run_path(str(ROOT / "gunicorn.conf.py"))["workers"] == 2
+    assert callable(embedded["on_starting"])
 
 
-def test_worker_consumes_every_connector_queue():
-    from app.connectors.models import CONNECTOR_TYPES
+def test_worker_consumes_every_queue_the_app_declares():
+    from app.channels import TYPE_NAMES
+    from app.queues import MAINTENANCE_QUEUE, queue_names
 
     words = shlex.split(procfile()["worker"])
     assert words[:4] == ["celery", "-A", "celery_app", "worker"]
-    queues = option(words, "-Q", "--queues")
-    assert queues == ",".join(QUEUES)
-    assert sorted(queues.split(",")) == sorted(CONNECTOR_TYPES)
+    # Without -Q a worker consumes every queue of task_queues: a new connector type needs no edit here.
+    assert "-Q" not in words and "--queues" not in words
+    assert sorted(queue_names()) == sorted([*TYPE_NAMES, MAINTENANCE_QUEUE])
+
+
+def test_beat_runs_the_periodic_work():
+    assert shlex.split(procfile()["beat"])[:4] == ["celery", "-A", "celery_app", "beat"]
 
 
 # --- docker-compose.yml -----------------------------------------------------------------------------------
 
 
-def test_compose_has_the_database_the_broker_and_the_three_processes():
-    assert {"postgres", "redis", "migrate", "web", "worker"} <= set(compose()["services"])
+def test_compose_has_the_database_the_broker_and_the_processes():
+    assert {"postgres", "redis", "migrate", "web", "worker", "beat"} <= set(compose()["services"])
+
+
+@pytest.mark.parametrize("service", [*LONG_RUNNING, "postgres", "redis"])
+def test_every_long_running_service_comes_back_when_it_dies(service):
+    assert compose()["services"][service].get("restart") in {"unless-stopped", "always"}
+
+
+def test_compose_redis_keeps_its_data_across_restarts():
+    redis_service = compose()["services"]["redis"]
+    command = normalise(redis_service["command"])
+    assert "--appendonly yes" in command
+    assert any(volume.endswith(":/data") for volume in redis_service["volumes"])
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
@@ -144,7 +170,7 @@ def test_dockerfile_default_command_is_the_procfile_web_line():
     assert normalise(json.loads(cmd[0].removeprefix("CMD "))) == normalise(procfile()["web"])
 
 
-@pytest.mark.parametrize("service", ["web", "worker"])
+@pytest.mark.parametrize("service", LONG_RUNNING)
 def test_web_and_worker_start_only_after_the_migrations_succeeded(service):
     depends = compose()["services"][service]["depends_on"]
     assert isinstance(depends, dict), "depends_on needs conditions, not a bare list"
@@ -191,6 +217,7 @@ def test_the_settings_table_lists_the_core_settings():
 def test_every_documented_setting_is_read_by_the_app_or_the_procfile():
     sources = app_sources()
     procfile_text = (ROOT / "Procfile").read_text()
+    sources += (ROOT / "gunicorn.conf.py").read_text()
     unread = []
     for name in settings_table():
         if name in NOT_READ_BY_APP:
@@ -198,5 +225,7 @@ def test_every_documented_setting_is_read_by_the_app_or_the_procfile():
         if not re.search(rf"[\"']{re.escape(name)}[\"']", sources):
             unread.append(name)
     assert unread == [], "documented settings that nothing in app/ reads"
-    for name in ("PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "WORKER_CONCURRENCY"):
-        assert re.search(rf"\$\{{?{name}\b", procfile_text), f"the Procfile does not read {name}"
+    assert re.search(r"\$\{?WORKER_CONCURRENCY\b", procfile_text), "the Procfile does not read WORKER_CONCURRENCY"
+    gunicorn_conf = (ROOT / "gunicorn.conf.py").read_text()
+    for name in ("PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS"):
+        assert re.search(rf"[\"']{name}[\"']", gunicorn_conf), f"gunicorn.conf.py does not read {name}"

@@ -49,6 +49,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 PROCFILE = ROOT / "Procfile"
 KINDS = ("email", "sms", "whatsapp", "telegram")
+QUEUES = (*KINDS, "maintenance")
 READY_SECONDS = 60
 TEST_DELIVERY_TIMEOUT = 4
 E2E_REDIS_DB = 7
@@ -413,7 +414,7 @@ def test_readiness_is_200_with_every_dependency_checked(stack):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ok"
-    expected = {"database": "ok", **{f"worker:{kind}": "ok" for kind in KINDS}}
+    expected = {"database": "ok", **{f"worker:{queue}": "ok" for queue in QUEUES}}
     if stack.uses_redis:
         expected["redis"] = "ok"
     assert body["checks"] == expected
@@ -625,7 +626,7 @@ def test_readiness_is_503_naming_the_worker_queues_while_no_worker_runs(stack):
         assert response.status_code == 503, response.text
         body = response.json()
         assert body["status"] == "unavailable"
-        down = {f"worker:{kind}": "down" for kind in KINDS}
+        down = {f"worker:{queue}": "down" for queue in QUEUES}
         assert body["checks"] == {"database": "ok", **down, **({"redis": "ok"} if stack.uses_redis else {})}
         liveness = stack.request("GET", "/api/health")
         assert (liveness.status_code, liveness.json()) == (200, {"status": "ok"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import shutil
 import socket
 import ssl
@@ -19,6 +18,10 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from app import create_app
+from app.channels import base
+from app.channels.base import DeliveryError, ProviderSettings
+from app.channels.email import EmailProvider
+from app.channels.netguard import literal_host_blocked
 from tests.conftest import (
     SECRET_VALUES,
     TEST_DATABASE_URL,
@@ -30,9 +33,6 @@ from tests.conftest import (
     new_host,
     service_headers,
 )
-from worker.providers import base
-from worker.providers.base import DeliveryError, ProviderSettings, literal_host_blocked
-from worker.providers.email import EmailProvider
 from worker.tasks import TEST_MESSAGE
 
 DESTINATIONS = {
@@ -277,7 +277,7 @@ def test_without_a_worker_the_test_is_502_timeout_and_never_delivered_later(app,
     body = response.get_json()
     assert (
         body["error_code"] == "timeout"
-        and f"no worker answered within {lonely.config['TEST_DELIVERY_TIMEOUT']:g} s" in body["message"]
+        and f"no worker finished the test within {lonely.config['TEST_DELIVERY_TIMEOUT']:g} s" in body["message"]
     )
     assert time.monotonic() - started < lonely.config["TEST_DELIVERY_TIMEOUT"] + 1
     assert (
@@ -295,7 +295,6 @@ def test_without_a_worker_the_test_is_502_timeout_and_never_delivered_later(app,
     finally:
         worker.terminate()
         worker.wait(timeout=30)
-        app.extensions["celery"].set_default()
     assert peers.smtp.received == []
 
 
@@ -347,13 +346,13 @@ def test_a_worker_killed_mid_delivery_causes_no_second_message_and_a_clear_answe
         assert response.status_code == 502 and response.get_json()["error_code"] == "timeout"
         time.sleep(peers_slow_seconds() + 0.5)  # long enough for any message in flight to land
         assert len(peers.smtp.received) <= 1  # at most the one the killed worker had handed over
-        assert _attempt_statuses(http, host, connector["id"]) == ["timeout"]
+        # The worker died during the provider call: the message may or may not have gone, and the log says so.
+        assert _attempt_statuses(http, host, connector["id"]) == ["unknown"]
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:
                 process.terminate()
                 process.wait(timeout=30)
-        app.extensions["celery"].set_default()
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -388,7 +387,6 @@ def test_redis_going_down_keeps_crud_up_fails_tests_fast_and_recovers(app, tmp_p
     finally:
         server.terminate()
         server.wait(timeout=10)
-        app.extensions["celery"].set_default()
 
 
 @pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL only")
@@ -413,30 +411,6 @@ def test_database_connections_dropped_under_the_service_are_replaced_without_err
     assert statuses == [200] * 5
 
 
-@pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL only")
-def test_connections_with_descriptors_above_1023_are_checked_and_used(app, client, host):
-    # A busy process hands out high descriptor numbers; the pool's liveness check must still take them.
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 1200:
-        pytest.skip(f"the open-file limit ({soft}) is too low to reach descriptor 1024")
-    from app.extensions import db
-
-    with app.app_context():
-        db.engine.dispose()  # the next requests open new connections, above the descriptors held below
-    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
-    try:
-        statuses = [client.get("/api/connectors", headers=host.headers).status_code for _ in range(3)]
-        with app.app_context(), db.engine.connect() as conn:
-            assert conn.connection.dbapi_connection.fileno() >= 1024
-    finally:
-        for fd in held:
-            os.close(fd)
-    assert statuses == [200] * 3
-
-
-# --- bad input ----------------------------------------------------------------------------------------------------
-
-
 def test_bodies_over_64_kib_are_413_json(client, host):
     response = client.post(
         "/api/connectors", data=b"{" + b" " * (70 * 1024) + b"}", content_type="application/json", headers=host.headers
@@ -458,7 +432,9 @@ def test_control_characters_in_names_are_rejected_clearly(client, host, name):
         "/api/connectors", json={"type": "email", "name": name, "config": config_for("email")}, headers=host.headers
     )
     assert response.status_code == 400
-    assert response.get_json()["errors"]["json"]["name"] == ["Must not contain control characters."]
+    assert response.get_json()["errors"]["json"]["name"] == [
+        "Must not contain control, format or line-separator characters."
+    ]
 
 
 def test_bad_limits_are_400(client, host):

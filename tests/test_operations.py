@@ -47,10 +47,7 @@ def test_readiness_is_503_naming_the_queues_without_a_worker(app, tmp_path):
     from tests.test_hardening import _sibling_app
 
     lonely = _sibling_app(app, tmp_path)
-    try:
-        response = lonely.test_client().get("/api/health/ready")
-    finally:
-        app.extensions["celery"].set_default()
+    response = lonely.test_client().get("/api/health/ready")
     assert response.status_code == 503
     body = response.get_json()
     assert body["status"] == "unavailable" and body["checks"]["database"] == "ok"

@@ -5,29 +5,33 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import Task, shared_task
 from flask import current_app
 
+from app.channels import channel
+from app.channels.base import DeliveryError, OutgoingMessage, ProviderSettings
 from app.deliveries import service as deliveries
-from app.deliveries.service import SUCCESS_MESSAGE, Outcome
+from app.errors import DATABASE_DOWN, discard_session
 from app.logs import request_id_var
-from worker.providers import build_provider
-from worker.providers.base import TIMEOUT, WORKER_ERROR, DeliveryError, OutgoingMessage, ProviderSettings, scrub
+from app.outcomes import TIMEOUT, WORKER_ERROR, Outcome
+from app.redact import scrub, secrets_in_scope
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TEST_MESSAGE = OutgoingMessage(
     subject="BAPBA connector test",
     text="This is a test message from your BAPBA connector. If you can read it, the channel works.",
     html="<p>This is a test message from your <b>BAPBA</b> connector. If you can read it, the channel works.</p>",
 )
-
-
 MESSAGE_LIMIT = 500
 # Below this much time left before the caller's deadline, a job is not started at all.
 MIN_SEND_SECONDS = 0.2
+# Recording an outcome waits this long for the database to come back; after it, the sweep closes the attempt.
+RECORD_RETRY_SECONDS = 60.0
 
 
 def provider_settings(budget: float) -> ProviderSettings:
@@ -41,7 +45,31 @@ def provider_settings(budget: float) -> ProviderSettings:
     )
 
 
-@shared_task(name=deliveries.TASK_NAME, bind=True)
+def with_database_retry(what: str, call: Callable[[], T], seconds: float = RECORD_RETRY_SECONDS) -> T:
+    """`call()`, tried again while the database cannot be reached, for up to `seconds`; each failure logged."""
+    give_up = time.monotonic() + seconds
+    pause = 0.2
+    while True:
+        try:
+            return call()
+        except DATABASE_DOWN as exc:
+            discard_session()
+            if time.monotonic() + pause > give_up:
+                raise
+            log.warning("%s: the database is unavailable (%s), trying again in %.1f s", what, type(exc).__name__, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+def failure_message(error: DeliveryError, secrets: list[str]) -> str:
+    """The provider's words without any secret; ours alone when a secret is too short to cut out."""
+    scrubbed = scrub(error.message, secrets)
+    if scrubbed is None:
+        return f"the provider refused the request ({error.code}); its answer is withheld"
+    return scrubbed[:MESSAGE_LIMIT]  # scrubbed before cut: a cut secret would no longer be recognised
+
+
+@shared_task(name=deliveries.SEND_TEST, bind=True)
 def send_test(
     task: Task, attempt_id: str, destination: str, request_id: str | None = None, deadline: float | None = None
 ) -> dict[str, Any]:
@@ -52,39 +80,47 @@ def send_test(
     if deadline is not None:
         budget = min(budget, deadline - time.time())
     if budget < MIN_SEND_SECONDS:  # the caller has given up (or is about to): sending now would surprise them
+        outcome = Outcome(False, "the test reached a worker too late; it was not sent", error_code=TIMEOUT)
+        with_database_retry("close", lambda: deliveries.close_open(attempt_uuid, outcome), seconds=5)
         _log_task(task, attempt_id, None, "too_late", started_task)
-        return Outcome(False, "the test reached a worker too late; it was not sent", error_code=TIMEOUT).as_dict()
+        return outcome.as_dict()
 
     try:
-        job = deliveries.claim_attempt(attempt_uuid)
+        job = with_database_retry("claim", lambda: deliveries.claim_attempt(attempt_uuid), seconds=budget)
     except Exception as exc:  # e.g. a config sealed under a key this worker does not have
-        log.error("test delivery %s could not be prepared: %s", attempt_id, type(exc).__name__)
+        log.exception("test %s could not be prepared: %s", attempt_id, type(exc).__name__)
         outcome = Outcome(False, "the worker could not prepare the test", error_code=WORKER_ERROR)
-        deliveries.finish_attempt(attempt_uuid, None, outcome)
+        _record(attempt_uuid, None, outcome)
         _log_task(task, attempt_id, None, "worker_error", started_task)
         return outcome.as_dict()
     if job is None:
-        message = "this test was already started or closed; it is not sent twice"
-        outcome = Outcome(False, message, error_code=WORKER_ERROR)
+        outcome = Outcome(False, "this test was already started or closed; it is not sent twice", error_code=TIMEOUT)
         _log_task(task, attempt_id, None, "skipped", started_task)
         return outcome.as_dict()
 
-    provider = build_provider(job.connector_type, provider_settings(budget))
-    started = time.perf_counter()
-    try:
-        provider.send(job.config, destination, TEST_MESSAGE)
-    except DeliveryError as exc:
-        # Scrub before cutting: a cut could leave a partial secret that the scrub no longer recognises.
-        message = scrub(exc.message, provider.secrets(job.config))[:MESSAGE_LIMIT]
-        outcome = Outcome(False, message, error_code=exc.code)
-    except Exception as exc:  # a bug or a library surprise: report it without its text, which may hold secrets
-        log.error("test delivery %s failed unexpectedly: %s", attempt_id, type(exc).__name__)
-        outcome = Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
-    else:
-        outcome = Outcome(True, SUCCESS_MESSAGE, delivery_time_ms=deliveries.elapsed_ms(started))
-    deliveries.finish_attempt(attempt_uuid, job, outcome)
+    provider = channel(job.connector_type).provider(provider_settings(budget))
+    secrets = provider.secrets(job.config)
+    with secrets_in_scope(secrets):
+        started = time.perf_counter()
+        try:
+            provider.send(job.config, destination, TEST_MESSAGE)
+        except DeliveryError as exc:
+            outcome = Outcome(False, failure_message(exc, secrets), error_code=exc.code)
+        except Exception as exc:  # a bug or a library surprise: its text may hold secrets, the log scrubs them
+            log.exception("test %s failed unexpectedly: %s", attempt_id, type(exc).__name__)
+            outcome = Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
+        else:
+            outcome = Outcome(True, deliveries.SUCCESS_MESSAGE, delivery_time_ms=deliveries.elapsed_ms(started))
+    _record(attempt_uuid, job, outcome)
     _log_task(task, attempt_id, job.connector_id, "sent" if outcome.success else str(outcome.error_code), started_task)
     return outcome.as_dict()
+
+
+def _record(attempt_id: uuid.UUID, job: deliveries.Job | None, outcome: Outcome) -> None:
+    try:
+        with_database_retry("record", lambda: deliveries.finish_attempt(attempt_id, job, outcome))
+    except Exception as exc:  # the sweep closes the attempt; the caller still gets the result
+        log.error("could not record the outcome of %s: %s", attempt_id, type(exc).__name__)
 
 
 def _log_task(task: Task, attempt_id: str, connector_id: uuid.UUID | None, outcome: str, started: float) -> None:
@@ -104,3 +140,9 @@ def _log_task(task: Task, attempt_id: str, connector_id: uuid.UUID | None, outco
             }
         },
     )
+
+
+@shared_task(name="maintenance.sweep")
+def sweep() -> dict[str, int]:
+    """Periodic (Celery beat): close what nobody will close otherwise."""
+    return {"attempts_closed": deliveries.close_overdue()}

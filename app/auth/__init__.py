@@ -1,43 +1,25 @@
-"""Who is calling: the Host behind a bearer token, or the will service."""
+"""Who is calling: the Host behind a bearer token, or another BAPBA service."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-from flask import current_app, g, request
+from flask import g
 from flask_jwt_extended import get_jwt, verify_jwt_in_request
 from flask_smorest import abort
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-# flask-jwt-extended decodes a token twice (unverified for its key callback, then verified), which cost more
-# CPU than the list endpoint's query. A token that verified once stays good until its exp (no key rotation
-# without a restart, no revocation list), so each app remembers recently verified ones by their header value.
-VERIFIED_TOKENS_MAX = 2048
-
-
 def _verify() -> dict[str, Any]:
-    header = request.headers.get("Authorization", "")
-    verified: dict[str, tuple[int, dict[str, Any]]] = current_app.extensions.setdefault("verified_tokens", {})
-    remembered = verified.get(header)
-    if remembered is not None and time.time() < remembered[0]:
-        claims = remembered[1]
-    else:
-        verify_jwt_in_request()
-        claims = get_jwt()
-        # A token that never expires is not one we accept, whoever signed it.
-        if "exp" not in claims:
-            abort(401, message="Invalid token: missing exp claim")
-        if len(verified) >= VERIFIED_TOKENS_MAX:
-            verified.clear()  # crude but bounded; the next requests fill it again
-        # PyJWT accepts any exp that int() takes (a float, a numeric string) and compares int(exp) to now.
-        verified[header] = (int(claims["exp"]), claims)
-    g.jwt_claims = claims  # the rate limiter keys by Host from these, without decoding the token again
+    verify_jwt_in_request()
+    claims = get_jwt()
+    # A token that never expires is not one we accept, whoever signed it.
+    if "exp" not in claims:
+        abort(401, message="Invalid token: missing exp claim")
     return claims
 
 
@@ -59,7 +41,7 @@ def host_required(view: F) -> F:
 
 
 def service_required(view: F) -> F:
-    """Require a token of an internal service (claim `role` = `service`)."""
+    """Require a token of an internal service (claim `role` = `service`); a Host token gets 403."""
 
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

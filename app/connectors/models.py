@@ -9,8 +9,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.extensions import db
 from app.timeutil import utcnow
 
-CONNECTOR_TYPES = ("email", "sms", "whatsapp", "telegram")
-
 
 class Connector(db.Model):
     __tablename__ = "connectors"

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import uuid
 
-from flask import Response, jsonify
 from flask.views import MethodView
 
 from app.auth import current_host_id, host_required
@@ -27,10 +26,9 @@ class Connectors(MethodView):
     @limiter.limit("100 per minute")
     @blp.response(200, ConnectorListSchema)
     @documents_errors(blp, 401, 429)
-    def get(self) -> Response:
+    def get(self) -> dict[str, list[Connector]]:
         """List the Host's connectors, by priority then creation time"""
-        # Already in ConnectorSchema's shape: a Response skips the schema's dump.
-        return jsonify({"connectors": service.list_connectors(current_host_id())})
+        return {"connectors": service.list_connectors(current_host_id())}
 
     @limiter.limit("10 per hour")
     @blp.arguments(ConnectorCreateSchema)

@@ -7,17 +7,16 @@ from typing import Any
 
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import bindparam, func, select
-from sqlalchemy.engine import Row
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from app.auth.models import Host
 from app.auth.service import ensure_host, lock_host
+from app.channels import load_config
 from app.connectors.models import Connector
-from app.connectors.schemas import TIMESTAMP_FORMAT, load_config
 from app.crypto import Keyring, Sealed, SealError
 from app.errors import ConflictError, InvalidError, NotFoundError
-from app.extensions import autocommit, db
+from app.extensions import db
 
 
 def keyring() -> Keyring:
@@ -29,8 +28,8 @@ def _seal(connector: Connector, config: dict[str, Any]) -> None:
     connector.config_key_id, connector.config_sealed = sealed.key_id, sealed.ciphertext
 
 
-def open_config(connector: Connector | Row[Any]) -> dict[str, Any]:
-    """The decrypted config of a connector, or of a row with its id, host_id and config columns."""
+def open_config(connector: Connector) -> dict[str, Any]:
+    """The decrypted config of a connector."""
     sealed = Sealed(connector.config_key_id, connector.config_sealed)
     return keyring().open(connector.host_id, connector.id, sealed)
 
@@ -39,32 +38,9 @@ def _duplicate(connector_type: str, name: str) -> ConflictError:
     return ConflictError(f"A connector of type {connector_type} named {name!r} already exists")
 
 
-# The list is the hottest read: it skips the ORM and marshmallow and returns what ConnectorSchema would dump
-# (tests/test_connectors_api.py compares the two). Built once: SQLAlchemy's cache then finds its compiled SQL
-# without rebuilding the expression on every request.
-LIST_QUERY = (
-    select(
-        Connector.id, Connector.type, Connector.name, Connector.is_verified, Connector.priority, Connector.created_at
-    )
-    .where(Connector.host_id == bindparam("host_id"))
-    .order_by(Connector.priority, Connector.created_at, Connector.id)
-)
-
-
-def list_connectors(host_id: uuid.UUID) -> list[dict[str, Any]]:
-    with autocommit() as conn:
-        rows = conn.execute(LIST_QUERY, {"host_id": host_id}).all()
-    return [
-        {
-            "id": str(row.id),
-            "type": row.type,
-            "name": row.name,
-            "is_verified": row.is_verified,
-            "priority": row.priority,
-            "created_at": row.created_at.strftime(TIMESTAMP_FORMAT),
-        }
-        for row in rows
-    ]
+def list_connectors(host_id: uuid.UUID) -> list[Connector]:
+    query = select(Connector).where(Connector.host_id == host_id)
+    return list(db.session.scalars(query.order_by(Connector.priority, Connector.created_at, Connector.id)))
 
 
 def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> Connector:
@@ -73,20 +49,6 @@ def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> Connector:
     if connector is None or connector.host_id != host_id:
         raise NotFoundError("Connector not found")
     return connector
-
-
-TYPE_QUERY = select(Connector.type).where(
-    Connector.id == bindparam("connector_id"), Connector.host_id == bindparam("host_id")
-)
-
-
-def find_connector_type(host_id: uuid.UUID, connector_id: uuid.UUID) -> str:
-    """The type of the Host's connector, read in one statement without loading it; 404 as get_connector."""
-    with autocommit() as conn:
-        found = conn.execute(TYPE_QUERY, {"connector_id": connector_id, "host_id": host_id}).scalar()
-    if found is None:
-        raise NotFoundError("Connector not found")
-    return found
 
 
 def create_connector(host_id: uuid.UUID, data: dict[str, Any]) -> Connector:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from app.connectors.schemas import UtcTimestamp
+from app.fields import UtcTimestamp
 
 
 class SendTestSchema(Schema):
@@ -27,13 +27,16 @@ class SendTestResultSchema(Schema):
 
 class AttemptSchema(Schema):
     id = fields.UUID()
-    destination = fields.String(metadata={"description": "Masked"})
-    status = fields.String(metadata={"description": "pending, sending, sent, failed or timeout"})
+    kind = fields.String(
+        metadata={"enum": ["test", "check"], "description": "test: a test send; check: a credential check"}
+    )
+    destination = fields.String(allow_none=True, metadata={"description": "Masked; none for a check"})
+    status = fields.String(metadata={"enum": ["pending", "sending", "sent", "failed", "timeout", "unknown"]})
     error_code = fields.String(allow_none=True)
     message = fields.String(allow_none=True)
     delivery_time_ms = fields.Integer(allow_none=True)
-    created_at = UtcTimestamp(metadata={"type": "string", "format": "date-time"})
-    finished_at = UtcTimestamp(allow_none=True, metadata={"type": "string", "format": "date-time"})
+    created_at = UtcTimestamp()
+    finished_at = UtcTimestamp(allow_none=True)
 
 
 class AttemptListSchema(Schema):

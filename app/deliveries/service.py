@@ -1,151 +1,191 @@
 """Test deliveries: validate the destination, queue the job, wait for it, and keep the attempt log.
 
-The web side (`run_test`) and the worker side (`claim_attempt`, `finish_attempt`) meet only through the
-attempt row and the Celery result; no secret crosses the broker or the result backend.
+The attempt log in the database is the source of truth. The web writes the attempt, queues a job that carries
+its id, and waits: on the Celery result as the fast path, on the attempt row as the sure one (a result the
+store could not keep is still found there). The worker claims the attempt, calls the provider and records
+the outcome. No secret crosses the broker or the result backend.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from celery.states import REVOKED
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import Executable, bindparam, exists, insert, select, update
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
+from app.channels import channel
 from app.connectors.models import Connector
-from app.connectors.schemas import e164, email_address
-from app.connectors.service import find_connector_type, get_connector, open_config
-from app.deliveries.models import FAILED, PENDING, SENDING, SENT, TIMEOUT, DeliveryAttempt
-from app.errors import InvalidError
-from app.extensions import autocommit, db
+from app.connectors.service import get_connector, open_config
+from app.deliveries.models import FAILED, PENDING, SENDING, SENT, TEST, TIMEOUT, UNKNOWN, DeliveryAttempt
+from app.errors import IN_PROGRESS, BusyError, ConflictError, InvalidError
+from app.extensions import db
 from app.logs import request_id_var
+from app.outcomes import BROKER_UNAVAILABLE, PROVIDER_CAUSED, WORKER_ERROR, Outcome
+from app.outcomes import TIMEOUT as TIMEOUT_CODE
 from app.timeutil import utcnow
-from worker.providers.base import BROKER_UNAVAILABLE, PROVIDER_CAUSED, WORKER_ERROR
-from worker.providers.base import TIMEOUT as TIMEOUT_CODE
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "deliveries.send_test"
-TELEGRAM_CHAT = re.compile(r"-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31}")
+SEND_TEST = "deliveries.send_test"
 SUCCESS_MESSAGE = "Test message sent successfully"
+# How often the waiting web request also looks at the attempt row, in case the result never arrives.
+LOG_POLL_SECONDS = 1.0
 RESULT_POLL_SECONDS = 0.01
-PUBSUB_OVERSHOOT_SECONDS = 1.5
+PUBSUB_SLICE_SECONDS = 1.0
 # The worker stops at the deadline; the web waits a little longer so that an answer given right at the
 # deadline is reported rather than lost.
 RESULT_GRACE_SECONDS = 0.25
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a test delivery came to; also the Celery result value, so it holds no secret."""
-
-    success: bool
-    message: str
-    delivery_time_ms: int | None = None
-    error_code: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+_slots_lock = threading.Lock()
 
 
-def normalize_destination(connector_type: str, raw: str) -> str:
-    try:
-        if connector_type == "email":
-            return email_address(raw)
-        if connector_type in {"sms", "whatsapp"}:
-            return e164(raw)
-    except ValidationError as exc:
-        raise InvalidError("Invalid destination", errors={"json": {"test_destination": exc.messages}}) from None
-    value = raw.strip()
-    if not TELEGRAM_CHAT.fullmatch(value):
-        raise InvalidError(
-            "Invalid destination",
-            errors={"json": {"test_destination": ["Must be a numeric chat id or an @channelname."]}},
-        )
-    return value
+@contextmanager
+def _wait_slot() -> Iterator[None]:
+    """One of this process's TEST_WAITS_PER_PROCESS slots, or BusyError at once.
 
-
-def mask(connector_type: str, destination: str) -> str:
-    """Enough to recognise a destination in the log, not enough to harvest it."""
-    if connector_type == "email":
-        local, _, domain = destination.rpartition("@")
-        return f"{local[:1]}***@{domain}"
-    if connector_type in {"sms", "whatsapp"}:
-        return destination[:3] + "*" * max(len(destination) - 5, 0) + destination[-2:]
-    if destination.startswith("@"):
-        return destination[:3] + "***"
-    return "*" * max(len(destination) - 3, 0) + destination[-3:]
-
-
-def _log(statement: Executable, params: dict[str, Any] | None = None) -> None:
-    """Write to the attempt log in one autocommit statement.
-
-    A statement on its own needs no BEGIN and COMMIT; those two round trips (and a SET LOCAL to skip the
-    commit's fsync) cost more here than the fsync itself (~0.15 ms on PostgreSQL).
+    A waiting test holds a web thread for up to TEST_DELIVERY_TIMEOUT; without a bound, tests against slow
+    servers (which Hosts choose) would take every thread and starve every other request.
     """
-    with autocommit() as conn:
-        conn.execute(statement, params)
+    with _slots_lock:
+        slots = current_app.extensions.get("test_wait_slots")
+        if slots is None:
+            slots = current_app.extensions["test_wait_slots"] = threading.BoundedSemaphore(
+                current_app.config["TEST_WAITS_PER_PROCESS"]
+            )
+    if not slots.acquire(blocking=False):
+        raise BusyError("Too many tests are in progress; try again in a few seconds")
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def _celery() -> Celery:
     return current_app.extensions["celery"]
 
 
+def normalize_destination(connector_type: str, raw: str) -> str:
+    try:
+        return channel(connector_type).normalize(raw)
+    except ValidationError as exc:
+        raise InvalidError("Invalid destination", errors={"json": {"test_destination": exc.messages}}) from None
+
+
 def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) -> Outcome:
     """Queue one test send on the connector's queue and wait for its outcome."""
-    connector_type = find_connector_type(host_id, connector_id)
-    destination = normalize_destination(connector_type, raw_destination)
-    masked = mask(connector_type, destination)
-    attempt_id = uuid.uuid4()
-    _log(insert(DeliveryAttempt).values(id=attempt_id, connector_id=connector_id, destination=masked, status=PENDING))
-
+    connector = get_connector(host_id, connector_id)
+    kind = channel(connector.type)
+    destination = normalize_destination(connector.type, raw_destination)
+    db.session.rollback()  # nothing is held while the test runs
     timeout = current_app.config["TEST_DELIVERY_TIMEOUT"]
-    # The worker must be done by this (wall-clock) deadline, so nothing is sent after the caller's 502:
-    # the expiry voids a job no worker took in time, and the worker cuts a send short at the deadline.
-    deadline = time.time() + timeout
-    try:
-        result = _celery().send_task(
-            TASK_NAME,
-            args=[str(attempt_id), destination],
-            kwargs={"request_id": request_id_var.get(), "deadline": deadline},
-            argsrepr=repr([str(attempt_id), masked]),  # worker logs show the masked destination
-            queue=connector_type,
-            expires=timeout,
-        )
-    except Exception as exc:  # kombu raises several types when the broker is down
-        log.warning("could not queue test delivery %s: %s", attempt_id, type(exc).__name__)
-        outcome = Outcome(False, "the delivery queue is unavailable; try again shortly", error_code=BROKER_UNAVAILABLE)
-        _close_unstarted(attempt_id, FAILED, outcome)
-        return outcome
+    with _wait_slot():
+        attempt_id = _open_attempt(connector_id, TEST, kind.mask(destination), timeout)
+        # The worker must be done by this (wall-clock) deadline, so nothing is sent after the caller's 502:
+        # the expiry voids a job no worker took in time, and the worker cuts a send short at the deadline.
+        deadline = time.time() + timeout
+        try:
+            result = (
+                _celery()
+                .signature(
+                    SEND_TEST,
+                    args=(str(attempt_id), destination),
+                    kwargs={"request_id": request_id_var.get(), "deadline": deadline},
+                    queue=kind.queue,
+                    expires=timeout,
+                )
+                .apply_async(argsrepr=repr([str(attempt_id), kind.mask(destination)]))  # logs show the mask
+            )
+        except Exception as exc:  # kombu raises several types when the broker is down
+            log.warning("could not queue test %s: %s", attempt_id, type(exc).__name__)
+            outcome = Outcome(
+                False, "the delivery queue is unavailable; try again shortly", error_code=BROKER_UNAVAILABLE
+            )
+            close_open(attempt_id, outcome)
+            return outcome
+        return _await(attempt_id, result, timeout)
 
+
+def _open_attempt(connector_id: uuid.UUID, kind: str, destination: str | None, timeout: float) -> uuid.UUID:
+    attempt = DeliveryAttempt(
+        id=uuid.uuid4(),
+        connector_id=connector_id,
+        kind=kind,
+        destination=destination,
+        status=PENDING,
+        deadline_at=utcnow() + timedelta(seconds=timeout),
+    )
+    db.session.add(attempt)
     try:
-        value = _wait(result, timeout + RESULT_GRACE_SECONDS)
-    except Exception as exc:  # the result backend itself failed
-        log.warning("result backend failed for %s: %s", attempt_id, type(exc).__name__)
-        outcome = Outcome(False, "the result store is unavailable; try again shortly", error_code=BROKER_UNAVAILABLE)
-        _close_unstarted(attempt_id, FAILED, outcome)
-        return outcome
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        raise ConflictError(
+            "A test or check of this connector is already in progress; wait for its answer", error_code=IN_PROGRESS
+        ) from None
+    return attempt.id
+
+
+def _await(attempt_id: uuid.UUID, result: AsyncResult, timeout: float) -> Outcome:
+    """The outcome from the result or from the attempt log, whichever comes first; `timeout` otherwise."""
+    deadline = time.monotonic() + timeout + RESULT_GRACE_SECONDS
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            value = _poll_result(result, LOG_POLL_SECONDS if remaining > 2 * LOG_POLL_SECONDS else max(remaining, 0))
+            if isinstance(value, dict) and "success" in value:
+                return Outcome(**value)
+            if value is REVOKED:  # the job expired before a worker took it
+                break
+            logged = _logged_outcome(attempt_id)
+            if logged is not None:
+                return logged
+            if time.monotonic() >= deadline:
+                break
     finally:
         _forget(result)
+    outcome = Outcome(False, f"no worker finished the test within {timeout:g} s", error_code=TIMEOUT_CODE)
+    close_open(attempt_id, outcome)
+    return _logged_outcome(attempt_id) or outcome
 
-    if isinstance(value, dict) and "success" in value:
-        return Outcome(**value)
-    if value is None:
-        outcome = Outcome(False, f"no worker answered within {timeout:g} s", error_code=TIMEOUT_CODE)
-        _close_unstarted(attempt_id, TIMEOUT, outcome)
-        return outcome
-    log.error("test delivery %s ended with an unexpected result type %s", attempt_id, type(value).__name__)
-    outcome = Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
-    _close_unstarted(attempt_id, FAILED, outcome)
-    return outcome
+
+def _poll_result(result: AsyncResult, seconds: float) -> Any:
+    """The task's return value, REVOKED, or None if neither came within about `seconds` (or the store failed)."""
+    try:
+        if result.backend.is_async and seconds >= PUBSUB_SLICE_SECONDS:
+            # Redis pub/sub wakes on the result itself, but looks at its timeout only between one-second
+            # waits: ask it for whole slices only, and poll what is left of the deadline.
+            return result.get(timeout=PUBSUB_SLICE_SECONDS, propagate=False)
+        # Polling backends (the embedded SQLite one) count their timeout in sleep intervals, not in elapsed
+        # time, so a slow poll stretches it; keep our own clock.
+        until = time.monotonic() + seconds
+        while not result.ready():
+            if time.monotonic() >= until:
+                return None
+            time.sleep(RESULT_POLL_SECONDS)
+        if result.state == REVOKED:
+            return REVOKED
+        return result.get(propagate=False)
+    except CeleryTimeout:
+        return None
+    except Exception as exc:  # the result store failed: the attempt log still answers
+        log.warning("result store failed for %s: %s", result.id, type(exc).__name__)
+        time.sleep(min(seconds, LOG_POLL_SECONDS))
+        return None
 
 
 def _forget(result: AsyncResult) -> None:
@@ -155,36 +195,32 @@ def _forget(result: AsyncResult) -> None:
         log.warning("could not remove result %s: %s", result.id, type(exc).__name__)
 
 
-def _wait(result: AsyncResult, timeout: float) -> Any:
-    """The task's return value, or None once `timeout` seconds of wall-clock time have passed."""
-    deadline = time.monotonic() + timeout
-    if result.backend.is_async and timeout > PUBSUB_OVERSHOOT_SECONDS:
-        # Redis pub/sub wakes on the result itself, but looks at its timeout only between one-second
-        # waits and can overshoot it by that much: let it stop early enough, then poll to the deadline.
-        try:
-            return result.get(timeout=timeout - PUBSUB_OVERSHOOT_SECONDS, propagate=False)
-        except CeleryTimeout:
-            pass
-    # Polling backends (the embedded SQLite one) count their timeout in sleep intervals, not in elapsed
-    # time, so a slow poll stretches it; keep our own deadline.
-    while not result.ready():
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(RESULT_POLL_SECONDS)
-    return result.get(propagate=False)
+def _logged_outcome(attempt_id: uuid.UUID) -> Outcome | None:
+    """The outcome the worker recorded, if it has."""
+    attempt = db.session.get(DeliveryAttempt, attempt_id, populate_existing=True)
+    db.session.rollback()
+    if attempt is None or attempt.status not in (SENT, FAILED):
+        return None
+    if attempt.status == SENT:
+        return Outcome(True, SUCCESS_MESSAGE, delivery_time_ms=attempt.delivery_time_ms)
+    return Outcome(False, attempt.message or "the delivery failed", error_code=attempt.error_code or WORKER_ERROR)
 
 
-def _close_unstarted(attempt_id: uuid.UUID, status: str, outcome: Outcome) -> None:
-    """Close an attempt the caller stopped waiting for.
+def close_open(attempt_id: uuid.UUID, outcome: Outcome) -> None:
+    """Close an attempt the caller stopped waiting for: pending as timeout (it can no longer be claimed),
+    sending as unknown (the worker may have died during the provider call). A worker still alive records its
+    real outcome over either."""
+    now = utcnow()
+    for status, closed_as in ((PENDING, TIMEOUT if outcome.error_code == TIMEOUT_CODE else FAILED), (SENDING, UNKNOWN)):
+        db.session.execute(
+            update(DeliveryAttempt)
+            .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == status)
+            .values(status=closed_as, error_code=outcome.error_code, message=outcome.message, finished_at=now)
+        )
+    db.session.commit()
 
-    A pending one can no longer be claimed. A claimed one whose worker died would otherwise stay
-    `sending` forever; if its worker is alive and finishes after all, it records the real outcome.
-    """
-    _log(
-        update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status.in_([PENDING, SENDING]))
-        .values(status=status, error_code=outcome.error_code, message=outcome.message, finished_at=utcnow())
-    )
+
+# --- the worker's side -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -195,90 +231,64 @@ class Job:
     sealed: bytes  # the config as sealed when claimed: a verdict counts only for that config
 
 
-# Worker statements, built once and run through Core: the ORM's identity map and unit of work cost more CPU
-# than these few rows need, and the worker runs one per delivery.
-CLAIM = (
-    update(DeliveryAttempt)
-    .where(DeliveryAttempt.id == bindparam("attempt_id"), DeliveryAttempt.status == PENDING)
-    .values(status=SENDING)
-)
-JOB_COLUMNS = (Connector.id, Connector.host_id, Connector.type, Connector.config_key_id, Connector.config_sealed)
-# PostgreSQL: the claim and the read of its connector in one statement (UPDATE ... FROM ... RETURNING).
-# SQLite cannot return the joined table's columns, so it claims, then reads.
-CLAIM_JOB = CLAIM.where(Connector.id == DeliveryAttempt.connector_id).returning(*JOB_COLUMNS)
-CLAIMED_CONNECTOR = select(DeliveryAttempt.connector_id).where(DeliveryAttempt.id == bindparam("attempt_id"))
-JOB_CONNECTOR = select(*JOB_COLUMNS).where(Connector.id == bindparam("connector_id"))
-
-
 def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
     """Take a pending attempt for sending, once: a redelivered or expired job finds nothing to claim.
 
-    The claim is one durable statement of its own (autocommit), and no connection is held once it returns,
-    so none is held during the provider call.
+    The claim is committed before the provider call, and no connection is held during it.
     """
-    params = {"attempt_id": attempt_id}
-    with autocommit() as conn:
-        if conn.dialect.name == "postgresql":
-            connector = conn.execute(CLAIM_JOB, params).one_or_none()
-        else:
-            if conn.dialect.update_returning:
-                connector_id = conn.execute(CLAIM.returning(DeliveryAttempt.connector_id), params).scalar()
-            else:  # SQLite before 3.35: the same claim, then a read of what it claimed
-                claimed = conn.execute(CLAIM, params).rowcount == 1
-                connector_id = conn.execute(CLAIMED_CONNECTOR, params).scalar() if claimed else None
-            if connector_id is None:
-                return None
-            connector = conn.execute(JOB_CONNECTOR, {"connector_id": connector_id}).one_or_none()
-    if connector is None:
-        return None
-    return Job(connector.id, connector.type, open_config(connector), connector.config_sealed)
-
-
-# The outcome and the connector's verdict. Parameter names differ from column names: SQLAlchemy would read
-# a parameter named like a column as one more column to SET.
-RECORD = (
-    update(DeliveryAttempt)
-    .where(DeliveryAttempt.id == bindparam("attempt_id"))
-    .values(
-        status=bindparam("new_status"),
-        error_code=bindparam("new_error_code"),
-        message=bindparam("new_message"),
-        delivery_time_ms=bindparam("new_delivery_time_ms"),
-        finished_at=bindparam("now"),
-    )
-)
-# updated_at is set here: a column's onupdate is not applied to an UPDATE that carries a CTE. The verdict
-# counts only for the config that was tested: a config replaced meanwhile has not been tested.
-VERDICT = (
-    update(Connector)
-    .where(Connector.id == bindparam("job_connector_id"), Connector.config_sealed == bindparam("job_sealed"))
-    .values(is_verified=bindparam("verified"), updated_at=bindparam("now"))
-)
-# PostgreSQL: both writes in one statement (a data-modifying CTE), atomic, one round trip instead of four.
-_RECORDED = RECORD.returning(DeliveryAttempt.id).cte("recorded")
-RECORD_WITH_VERDICT = VERDICT.where(exists(select(_RECORDED.c.id)))
+    claimed = db.session.execute(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == PENDING)
+        .values(status=SENDING)
+        .returning(DeliveryAttempt.connector_id)
+    ).scalar()
+    connector = db.session.get(Connector, claimed) if claimed is not None else None
+    job = None
+    if connector is not None:
+        job = Job(connector.id, connector.type, open_config(connector), connector.config_sealed)
+    db.session.commit()
+    return job
 
 
 def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
     """Record the outcome; the provider's verdict decides is_verified, our own failures leave it be."""
-    params: dict[str, Any] = {
-        "attempt_id": attempt_id,
-        "new_status": SENT if outcome.success else FAILED,
-        "new_error_code": outcome.error_code,
-        "new_message": outcome.message,
-        "new_delivery_time_ms": outcome.delivery_time_ms,
-        "now": utcnow(),
-    }
-    if job is None or not (outcome.success or outcome.error_code in PROVIDER_CAUSED):
-        _log(RECORD, params)
-        return
-    params.update(job_connector_id=job.connector_id, job_sealed=job.sealed, verified=outcome.success)
-    if db.engine.dialect.name == "postgresql":
-        _log(RECORD_WITH_VERDICT, params)
-        return
-    with db.engine.begin() as conn:
-        conn.execute(RECORD, params)
-        conn.execute(VERDICT, params)
+    now = utcnow()
+    db.session.execute(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status.not_in([SENT, FAILED]))
+        .values(
+            status=SENT if outcome.success else FAILED,
+            error_code=outcome.error_code,
+            message=outcome.message,
+            delivery_time_ms=outcome.delivery_time_ms,
+            finished_at=now,
+        )
+    )
+    if job is not None and (outcome.success or outcome.error_code in PROVIDER_CAUSED):
+        # The verdict counts only for the config that was tested: a config replaced meanwhile has not been.
+        db.session.execute(
+            update(Connector)
+            .where(Connector.id == job.connector_id, Connector.config_sealed == job.sealed)
+            .values(is_verified=outcome.success)
+        )
+    db.session.commit()
+
+
+def close_overdue(now: Any = None) -> int:
+    """Close every attempt still open past its deadline (the sweep): nobody waits for it any more."""
+    now = now or utcnow()
+    count = 0
+    for status, closed_as, code, text in (
+        (PENDING, TIMEOUT, TIMEOUT_CODE, "no worker started the test before its deadline"),
+        (SENDING, UNKNOWN, TIMEOUT_CODE, "the worker stopped during the provider call; it may have been sent"),
+    ):
+        count += db.session.execute(
+            update(DeliveryAttempt)
+            .where(DeliveryAttempt.status == status, DeliveryAttempt.deadline_at < now)
+            .values(status=closed_as, error_code=code, message=text, finished_at=now)
+        ).rowcount
+    db.session.commit()
+    return count
 
 
 def list_attempts(host_id: uuid.UUID, connector_id: uuid.UUID, limit: int) -> list[DeliveryAttempt]:

@@ -1,0 +1,96 @@
+"""What every connector type is made of: a config schema, a destination rule and mask, a provider, a queue.
+
+Providers know nothing of Flask or the database: they get a decrypted config, a destination and the
+settings they need, make one network exchange, and either return or raise `DeliveryError` with one of the
+codes of `app.outcomes`.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from marshmallow import Schema
+
+
+class DeliveryError(Exception):
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after  # seconds the provider asked us to wait (a 429's hint), if any
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    subject: str
+    text: str
+    html: str | None = None
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    timeout: float
+    allow_private: bool = False
+    twilio_base_url: str = "https://api.twilio.com"
+    whatsapp_base_url: str = "https://graph.facebook.com"
+    telegram_base_url: str = "https://api.telegram.org"
+
+
+class Provider(ABC):
+    # Config fields whose values must never leave the worker; scrubbed from every message and log line.
+    secret_fields: ClassVar[tuple[str, ...]]
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        self.settings = settings
+
+    def secrets(self, config: dict[str, Any]) -> list[str]:
+        return [str(config[name]) for name in self.secret_fields if config.get(name)]
+
+    @abstractmethod
+    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
+        """Send one message or raise DeliveryError."""
+
+    @abstractmethod
+    def verify(self, config: dict[str, Any]) -> dict[str, str]:
+        """Prove the credentials and the sender without delivering anything; return public facts a Host
+        would recognise, or raise DeliveryError."""
+
+
+@dataclass(frozen=True)
+class ChannelType:
+    """Everything about one connector type, in the one module that defines it."""
+
+    name: str  # the connector's `type`, and its queue
+    config_schema: type[Schema]
+    provider: type[Provider]
+    recipient_field: str  # the field of a dispatch's `recipient` this type can reach
+    normalize: Callable[[str], str]  # a destination as given -> its canonical form, or ValidationError
+    mask: Callable[[str], str]  # a destination -> enough to recognise it, not enough to harvest it
+    destination_hint: str = field(default="")
+
+    @property
+    def queue(self) -> str:
+        return self.name
+
+
+_tls: ssl.SSLContext | None = None
+_tls_lock = threading.Lock()
+
+
+def tls_context() -> ssl.SSLContext:
+    """One per process: loading the trust store costs ~20 ms of CPU and ~0.9 MiB, too much for every send.
+
+    Verifies against the system trust store, or SSL_CERT_FILE / SSL_CERT_DIR as set when first used. The
+    lock matters: a pool's threads start their first jobs together, and without it each built its own
+    context (the load releases the GIL) and kept it in its HTTP client.
+    """
+    global _tls
+    with _tls_lock:
+        if _tls is None:
+            _tls = ssl.create_default_context()
+        return _tls
