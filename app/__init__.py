@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
+from flask import Blueprint as FlaskBlueprint
 from flask import Flask
 from sqlalchemy import event
 
 from app.config import load_settings
 from app.crypto import Keyring
-from app.errors import ErrorEnvelopeSchema, register_error_handlers
+from app.errors import register_error_handlers
 from app.extensions import api, db, init_extensions, jwt
 from app.logs import configure_logging, init_request_logging
 from app.queues import celery_settings, redis_client_options
@@ -42,7 +44,9 @@ def create_app(overrides: dict[str, Any] | None = None, env: dict[str, str] | No
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Served from the pinned flask-swagger-ui package: /docs works offline and under a strict CSP.
+        OPENAPI_SWAGGER_UI_URL="/docs/swagger-ui/",
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},
         API_SPEC_OPTIONS={
             "security": [{"bearerAuth": []}],
             "components": {
@@ -56,7 +60,6 @@ def create_app(overrides: dict[str, Any] | None = None, env: dict[str, str] | No
     configure_logging(app.config["LOG_LEVEL"])
 
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
-    api.ERROR_SCHEMA = ErrorEnvelopeSchema
     init_extensions(app)
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
@@ -73,6 +76,11 @@ def create_app(overrides: dict[str, Any] | None = None, env: dict[str, str] | No
 
     for blueprint in (connectors_blp, deliveries_blp, internal_blp, health_blp):
         api.register_blueprint(blueprint)
+    app.register_blueprint(
+        FlaskBlueprint(
+            "swagger_ui", __name__, static_folder=str(files("flask_swagger_ui") / "dist"), static_url_path="/docs/swagger-ui"
+        )
+    )
 
     from app.cli import register_commands
 

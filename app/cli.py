@@ -57,6 +57,15 @@ def register_commands(app: Flask) -> None:
         claims = {"role": "service"} if service else None
         click.echo(create_access_token(subject, additional_claims=claims, expires_delta=timedelta(hours=hours)))
 
+    @app.cli.command("mail-sink")
+    @click.option("--host", default="127.0.0.1", show_default=True)
+    @click.option("--port", default=8025, show_default=True, type=click.IntRange(1, 65535))
+    def mail_sink(host: str, port: int) -> None:
+        """A development SMTP server: accepts any login (no TLS) and prints every message it receives."""
+        from app.devmail import run_mail_sink
+
+        run_mail_sink(host, port)
+
     @app.cli.command("reseal-configs")
     def reseal_configs() -> None:
         """Re-seal every connector config under the current MASTER_KEY (after a rotation)."""

@@ -13,9 +13,12 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_smorest import Api, abort
 from flask_sqlalchemy import SQLAlchemy
+from apispec.ext.marshmallow import MarshmallowPlugin, OpenAPIConverter
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 from webargs.flaskparser import FlaskParser, is_json_request
+
+from app.errors import ErrorEnvelopeSchema
 
 
 class Base(DeclarativeBase):
@@ -60,6 +63,31 @@ class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = BadRequestParser()
 
 
+class OneOfConverter(OpenAPIConverter):
+    """Documents a schema that declares `OPENAPI_ONE_OF = (property, {value: variant schema})` as a `oneOf` of
+    its variants with a discriminator, while requests are still validated by the schema itself."""
+
+    def schema2jsonschema(self, schema: Any) -> dict[str, Any]:
+        cls = schema if isinstance(schema, type) else type(schema)
+        one_of = cls.__dict__.get("OPENAPI_ONE_OF")  # its own attribute only: the variants subclass it
+        if one_of is None:
+            return super().schema2jsonschema(schema)
+        prop, variants = one_of
+        refs = {value: self.resolve_nested_schema(variant) for value, variant in variants.items()}
+        return {
+            "oneOf": list(refs.values()),
+            "discriminator": {"propertyName": prop, "mapping": {value: ref["$ref"] for value, ref in refs.items()}},
+        }
+
+
+class SpecPlugin(MarshmallowPlugin):
+    Converter = OneOfConverter
+
+
+class ConnectorsApi(Api):
+    ERROR_SCHEMA = ErrorEnvelopeSchema  # every documented error, flask-smorest's own 400 and default too
+
+
 def rate_limit_key() -> str:
     """Limits count per Host, by its canonical uuid; a request without a valid token counts by address."""
     host_id = g.get("host_id")  # set by the view's auth check, which runs first
@@ -69,7 +97,7 @@ def rate_limit_key() -> str:
 # An object a request has committed is answered from memory: reading it back would need the database once
 # more, and a failure then would turn a committed success into an error.
 db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
-api = Api()
+api = ConnectorsApi(spec_kwargs={"marshmallow_plugin": SpecPlugin()})
 jwt = JWTManager()
 limiter = Limiter(key_func=rate_limit_key)
 

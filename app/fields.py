@@ -14,6 +14,12 @@ NAME_MAX = 100
 # Invisible or layout-changing characters: a name that differs only by them looks like another (U+200B,
 # U+00AD, U+202E, U+2028), so they are refused rather than stored.
 REFUSED_IN_NAMES = {"Cc", "Cf", "Zl", "Zp"}
+# The same rule for the docs (JSON Schema has no Unicode categories): the common members of those categories.
+NAME_PATTERN = (
+    r"^[^\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]*"
+    r"[^\s\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]"
+    r"[^\x00-\x1f\x7f-\x9f\xad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]*$"
+)
 
 
 class FullMatch(validate.Regexp):
@@ -41,7 +47,7 @@ class Name(fields.String):
     """
 
     def __init__(self, **kwargs: Any) -> None:
-        metadata = {"minLength": 1, "maxLength": NAME_MAX, **kwargs.pop("metadata", {})}
+        metadata = {"minLength": 1, "maxLength": NAME_MAX, "pattern": NAME_PATTERN, **kwargs.pop("metadata", {})}
         super().__init__(metadata=metadata, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
@@ -86,11 +92,17 @@ def email_address(value: Any) -> str:
 
 
 class E164(fields.String):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(metadata={"format": "e164", "example": "+14155550123", **kwargs.pop("metadata", {})}, **kwargs)
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         return e164(super()._deserialize(value, attr, data, **kwargs))
 
 
 class EmailAddress(fields.String):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(metadata={"format": "email", **kwargs.pop("metadata", {})}, **kwargs)
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         return email_address(super()._deserialize(value, attr, data, **kwargs))
 

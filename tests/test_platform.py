@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -233,13 +234,13 @@ def test_openapi_documents_every_endpoint_status_and_the_bearer_scheme(client):
     assert spec["security"] == [{"bearerAuth": []}]
     paths = spec["paths"]
     expected = {
-        ("/api/connectors", "get"): {"200", "401", "429"},
-        ("/api/connectors", "post"): {"201", "400", "401", "409", "413", "429"},
-        ("/api/connectors/{connector_id}", "put"): {"200", "400", "401", "404", "409"},
-        ("/api/connectors/{connector_id}", "delete"): {"204", "401", "404", "409"},
-        ("/api/connectors/{connector_id}/test", "post"): {"200", "400", "401", "404", "429", "502", "503"},
-        ("/api/connectors/{connector_id}/deliveries", "get"): {"200", "400", "401", "404"},
-        ("/api/internal/hosts/{host_id}/will", "put"): {"200", "400", "401", "403"},
+        ("/api/connectors", "get"): {"200", "401", "429", "503"},
+        ("/api/connectors", "post"): {"201", "400", "401", "409", "413", "429", "503"},
+        ("/api/connectors/{connector_id}", "put"): {"200", "400", "401", "404", "409", "503"},
+        ("/api/connectors/{connector_id}", "delete"): {"204", "401", "404", "409", "503"},
+        ("/api/connectors/{connector_id}/test", "post"): {"200", "400", "401", "404", "409", "429", "502", "503"},
+        ("/api/connectors/{connector_id}/deliveries", "get"): {"200", "400", "401", "404", "503"},
+        ("/api/internal/hosts/{host_id}/will", "put"): {"200", "400", "401", "403", "503"},
         ("/api/health", "get"): {"200"},
         ("/api/health/ready", "get"): {"200", "503"},
     }
@@ -250,12 +251,34 @@ def test_openapi_documents_every_endpoint_status_and_the_bearer_scheme(client):
     assert paths["/api/health"]["get"]["security"] == []
     create_body = paths["/api/connectors"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert create_body["$ref"].endswith("ConnectorCreate")
+    schemas = spec["components"]["schemas"]
+    # Each type's config, from the schemas the API validates with, chosen by the `type` discriminator.
+    create = schemas["ConnectorCreate"]
+    assert create["discriminator"]["propertyName"] == "type"
+    assert set(create["discriminator"]["mapping"]) == {"email", "sms", "whatsapp", "telegram"}
+    email = schemas["EmailConnectorCreate"]["properties"]
+    assert email["type"]["enum"] == ["email"] and email["config"]["allOf"][0]["$ref"].endswith("/EmailConfig")
+    assert schemas["EmailConfig"]["properties"]["password"]["writeOnly"] is True
+    assert (email["name"]["minLength"], email["name"]["maxLength"]) == (1, 100)
+    # One error schema for every error status, flask-smorest's own 400 and default included.
+    assert "Error" not in schemas
+    for name in ("BAD_REQUEST", "DEFAULT_ERROR"):
+        assert spec["components"]["responses"][name]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/ErrorEnvelope"
+        )
+    codes = set(schemas["ErrorEnvelope"]["properties"]["error_code"]["enum"])
+    assert {"auth_failed", "timeout", "database_unavailable", "busy", "unknown"} <= codes
     connector = spec["components"]["schemas"]["Connector"]["properties"]
     assert set(connector) == {"id", "type", "name", "is_verified", "priority", "created_at"}
 
 
-def test_swagger_ui_is_served(client):
+def test_swagger_ui_is_served_from_this_service_alone(client):
     response = client.get("/docs")
     assert response.status_code == 200
-    assert "swagger" in response.get_data(as_text=True).lower()
+    page = response.get_data(as_text=True)
+    assert "swagger" in page.lower() and "http://" not in page and "https://" not in page
+    assets = re.findall(r'(?:src|href)="(/docs/swagger-ui/[^"]+)"', page)
+    assert len(assets) >= 3
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
     assert json.loads(client.get("/openapi.json").get_data())["info"]["title"] == "BAPBA Connectors API"

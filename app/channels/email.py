@@ -38,7 +38,9 @@ class EmailConfig(Schema):
     class Meta:
         unknown = RAISE
 
-    smtp_host = fields.String(required=True, validate=[validate.Length(1, 253), _hostname])
+    smtp_host = fields.String(
+        required=True, validate=[validate.Length(1, 253), _hostname], metadata={"format": "hostname"}
+    )
     smtp_port = StrictInteger(required=True, validate=validate.Range(1, 65535))
     username = fields.String(required=True, validate=[validate.Length(1, 320), PRINTABLE_ASCII])
     password = credential(1024)

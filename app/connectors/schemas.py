@@ -6,7 +6,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from app.channels import TYPE_NAMES, load_config
+from app.channels import CHANNELS, TYPE_NAMES, load_config
 from app.fields import Name, StrictInteger, UtcTimestamp
 
 PRIORITY = validate.Range(0, 1_000_000)
@@ -41,6 +41,24 @@ class ConnectorCreateSchema(Schema):
                 data["config"] = load_config(data["type"], data["config"])
             except ValidationError as exc:
                 raise ValidationError(exc.messages, field_name="config") from None
+
+
+def _create_variant(type_name: str, config_schema: type[Schema]) -> type[Schema]:
+    """The create body of one type, for the docs: the same fields, `type` fixed and `config` its schema."""
+    return type(
+        f"{config_schema.__name__.removesuffix('Config')}ConnectorCreateSchema",
+        (ConnectorCreateSchema,),
+        {
+            "type": fields.String(required=True, validate=validate.OneOf([type_name])),
+            "config": fields.Nested(config_schema, required=True, metadata={"description": "Write-only."}),
+        },
+    )
+
+
+ConnectorCreateSchema.OPENAPI_ONE_OF = (  # type: ignore[attr-defined]
+    "type",
+    {name: _create_variant(name, kind.config_schema) for name, kind in CHANNELS.items()},
+)
 
 
 class ConnectorUpdateSchema(Schema):

@@ -24,7 +24,7 @@ class ConnectorTest(MethodView):
     @limiter.limit("10 per hour")
     @blp.arguments(SendTestSchema)
     @blp.response(200, SendTestResultSchema)
-    @documents_errors(blp, 401, 404, 413, 429, 502, 503)
+    @documents_errors(blp, 401, 404, 409, 413, 429, 502, 503)
     def post(self, data: dict, connector_id: uuid.UUID) -> dict:
         """Send a test message through the connector and report how long the provider took"""
         outcome = service.run_test(current_host_id(), connector_id, data["test_destination"])
@@ -44,7 +44,7 @@ class ConnectorDeliveries(MethodView):
 
     @blp.arguments(AttemptQuerySchema, location="query")
     @blp.response(200, AttemptListSchema)
-    @documents_errors(blp, 401, 404)
+    @documents_errors(blp, 401, 404, 503)
     def get(self, query: dict, connector_id: uuid.UUID) -> dict[str, list[DeliveryAttempt]]:
         """The connector's test attempts, newest first"""
         return {"deliveries": service.list_attempts(current_host_id(), connector_id, query["limit"])}
