@@ -18,6 +18,7 @@ from tests.conftest import (
     config_for,
     create_connector,
 )
+from tests.support import db_id
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -345,8 +346,11 @@ def _mark_verified(app, connector_id: str) -> None:
     from app.extensions import db
 
     with app.app_context():
-        db.session.execute(text("UPDATE connectors SET is_verified = :v"), {"v": True})
+        marked = db.session.execute(
+            text("UPDATE connectors SET is_verified = :v WHERE id = :id"), {"v": True, "id": db_id(app, connector_id)}
+        ).rowcount
         db.session.commit()
+    assert marked == 1, f"connector {connector_id} was not marked verified"  # else 'unverify' would prove nothing
 
 
 def _closed_port() -> int:

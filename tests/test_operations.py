@@ -11,6 +11,7 @@ import pytest
 
 from app.logs import JsonFormatter
 from tests.conftest import USES_REDIS, create_connector
+from tests.support import sibling_app
 
 
 @pytest.fixture
@@ -44,9 +45,7 @@ def test_readiness_checks_the_database_and_a_worker_on_every_queue(client):
 
 
 def test_readiness_is_503_naming_the_queues_without_a_worker(app, tmp_path):
-    from tests.test_hardening import _sibling_app
-
-    lonely = _sibling_app(app, tmp_path)
+    lonely = sibling_app(app, tmp_path)
     response = lonely.test_client().get("/api/health/ready")
     assert response.status_code == 503
     body = response.get_json()

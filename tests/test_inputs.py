@@ -1,0 +1,157 @@
+"""Odd input: oversized, deeply nested, control characters, bad patterns and limits, hostile provider answers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from app.channels.base import DeliveryError, ProviderSettings
+from app.channels.email import EmailProvider
+from tests.conftest import config_for, create_connector
+from tests.support import DESTINATIONS, send_test
+from worker.tasks import TEST_MESSAGE
+
+
+def test_bodies_over_64_kib_are_413_json(client, host):
+    response = client.post(
+        "/api/connectors", data=b"{" + b" " * (70 * 1024) + b"}", content_type="application/json", headers=host.headers
+    )
+    assert response.status_code == 413
+    assert response.get_json()["code"] == 413
+
+
+def test_deeply_nested_json_is_a_clear_400(client, host):
+    body = '{"type": "email", "name": "x", "config": ' + "[" * 30000 + "]" * 30000 + "}"
+    response = client.post("/api/connectors", data=body, content_type="application/json", headers=host.headers)
+    assert response.status_code == 400
+    assert response.get_json()["code"] == 400
+
+
+@pytest.mark.parametrize("name", ["line\nbreak", "nul\x00byte", "bell\x07", "del\x7f"])
+def test_control_characters_in_names_are_rejected_clearly(client, host, name):
+    response = client.post(
+        "/api/connectors", json={"type": "email", "name": name, "config": config_for("email")}, headers=host.headers
+    )
+    assert response.status_code == 400
+    assert response.get_json()["errors"]["json"]["name"] == [
+        "Must not contain control, format or line-separator characters."
+    ]
+
+
+def test_bad_limits_are_400(client, host):
+    connector = create_connector(client, host, "email")
+    for query in ("limit=-1", "limit=101", "limit=1.5", "limit="):
+        assert (
+            client.get(f"/api/connectors/{connector['id']}/deliveries?{query}", headers=host.headers).status_code == 400
+        )
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [
+        ("sms", "api_key_sid", "SK" + "a" * 32 + "\n"),
+        ("sms", "account_sid", "AC" + "b" * 32 + "\n"),
+        ("whatsapp", "phone_number_id", "106540352242922\n"),
+        ("whatsapp", "api_version", "v24.0\n"),
+        ("telegram", "bot_token", "7012345678:AAHtgSecretToken4b2d9e8f1a3c5d7e\n"),
+    ],
+)
+def test_a_trailing_newline_does_not_pass_a_pattern(client, host, kind, field, value):
+    body = {"type": kind, "name": "x", "config": config_for(kind, **{field: value})}
+    response = client.post("/api/connectors", json=body, headers=host.headers)
+    assert response.status_code == 400
+    assert field in response.get_json()["errors"]["json"]["config"]
+
+
+@pytest.mark.parametrize("where", ["name", "config"])
+def test_lone_surrogates_are_a_clear_400(client, host, where):
+    name = '"\\udfff"' if where == "name" else '"ok"'
+    username = '"\\udfff"' if where == "config" else '"mailer"'
+    body = (
+        '{"type": "email", "name": ' + name + ', "config": {"smtp_host": "smtp.example.com", "smtp_port": 587, '
+        '"username": ' + username + ', "password": "p", "from_address": "a@example.org"}}'
+    )
+    response = client.post("/api/connectors", data=body, content_type="application/json", headers=host.headers)
+    assert response.status_code == 400
+    assert "not valid Unicode" in response.get_json()["message"]
+
+
+def test_a_server_trickling_endless_replies_is_cut_off_at_the_provider_timeout():
+    """A hostile SMTP host must not hold a worker thread: the whole dialogue ends at the deadline."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"220-still greeting you\r\n")
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    provider = EmailProvider(ProviderSettings(timeout=1.0, allow_private=True))
+    config = {
+        **config_for("email"),
+        "smtp_host": "127.0.0.1",
+        "smtp_port": listener.getsockname()[1],
+        "security": "none",
+    }
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeliveryError) as raised:
+            provider.send(config, "survivor@example.org", TEST_MESSAGE)
+    finally:
+        stop.set()
+        listener.close()
+    assert raised.value.code == "provider_unreachable"
+    assert time.monotonic() - started < 2.5
+
+
+MALFORMED = {
+    "telegram": [
+        (200, {"ok": False}),
+        (200, {"ok": True, "result": {}}),
+        (200, [1, 2]),
+        (502, b"<html>Bad Gateway</html>"),
+    ],
+    "whatsapp": [(200, {"messages": "x"}), (200, b"not json"), (400, {"error": {"code": 1e300, "message": "m"}})],
+    "sms": [(201, [1]), (201, b"null"), (400, {"code": "x", "message": "m", "status": 400})],
+}
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize(("kind", "status", "payload"), [(k, s, p) for k, cases in MALFORMED.items() for s, p in cases])
+def test_malformed_provider_answers_are_provider_errors(client, host, peers, monkeypatch, kind, status, payload):
+    peer = {"sms": peers.twilio, "whatsapp": peers.whatsapp, "telegram": peers.telegram}[kind]
+    real_answer = peer.answer
+
+    def answer(method, path, headers, body):  # noqa: ANN001, ANN202
+        if path.endswith("/getMe"):
+            return real_answer(method, path, headers, body)
+        return status, payload
+
+    monkeypatch.setattr(peer, "answer", answer)
+    connector = create_connector(client, host, kind, peers=peers)
+    response = send_test(client, host, connector["id"], DESTINATIONS[kind])
+    assert response.status_code == 502
+    assert response.get_json()["error_code"] == "provider_error", response.get_json()
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [("email", "password", "pässword"), ("email", "username", "jösé"), ("sms", "api_key_secret", "sécret"),
+     ("whatsapp", "access_token", "tøken"), ("whatsapp", "access_token", "tok\nen")],
+)  # fmt: skip
+def test_credentials_that_no_provider_could_carry_are_refused_at_save(client, host, kind, field, value):
+    body = {"type": kind, "name": "x", "config": config_for(kind, **{field: value})}
+    response = client.post("/api/connectors", json=body, headers=host.headers)
+    assert response.status_code == 400
+    assert field in response.get_json()["errors"]["json"]["config"]
