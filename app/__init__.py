@@ -73,13 +73,13 @@ def create_app(overrides: dict[str, Any] | None = None, env: dict[str, str] | No
     from app.connectors.routes import blp as connectors_blp
     from app.deliveries.routes import blp as deliveries_blp
     from app.health import blp as health_blp
+    from app.messages.routes import blp as messages_blp
 
-    for blueprint in (connectors_blp, deliveries_blp, internal_blp, health_blp):
+    for blueprint in (connectors_blp, deliveries_blp, internal_blp, messages_blp, health_blp):
         api.register_blueprint(blueprint)
+    swagger_assets = str(files("flask_swagger_ui") / "dist")
     app.register_blueprint(
-        FlaskBlueprint(
-            "swagger_ui", __name__, static_folder=str(files("flask_swagger_ui") / "dist"), static_url_path="/docs/swagger-ui"
-        )
+        FlaskBlueprint("swagger_ui", __name__, static_folder=swagger_assets, static_url_path="/docs/swagger-ui")
     )
 
     from app.cli import register_commands

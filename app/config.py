@@ -181,7 +181,9 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
         # On a laptop's embedded defaults, the development mail sink on 127.0.0.1 must be reachable.
         "ALLOW_PRIVATE_DESTINATIONS": _bool(env, "ALLOW_PRIVATE_DESTINATIONS", embedded and not production),
         "TEST_WAITS_PER_PROCESS": int(_number(env, "TEST_WAITS_PER_PROCESS", 8, 1, 10_000)),
-        "SWEEP_INTERVAL": _number(env, "SWEEP_INTERVAL", 15.0, 1.0, 3600.0),
+        "SWEEP_INTERVAL": _number(env, "SWEEP_INTERVAL", 15.0, 0.5, 3600.0),
+        "DISPATCH_RETRY_BASE": _number(env, "DISPATCH_RETRY_BASE", 30.0, 0.1, 3600.0),
+        "DISPATCH_RETRY_MAX": _number(env, "DISPATCH_RETRY_MAX", 3600.0, 0.1, 86400.0),
         "TWILIO_API_BASE_URL": env.get("TWILIO_API_BASE_URL", "https://api.twilio.com").rstrip("/"),
         "WHATSAPP_API_BASE_URL": env.get("WHATSAPP_API_BASE_URL", "https://graph.facebook.com").rstrip("/"),
         "TELEGRAM_API_BASE_URL": env.get("TELEGRAM_API_BASE_URL", "https://api.telegram.org").rstrip("/"),

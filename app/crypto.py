@@ -9,6 +9,7 @@ value is stored with the id of the master key that sealed it, so `MASTER_KEY` ca
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import uuid
@@ -52,19 +53,27 @@ class Keyring:
         )
         return AESGCM(derived)
 
-    def seal(self, host_id: uuid.UUID, connector_id: uuid.UUID, config: dict[str, Any]) -> Sealed:
+    def seal(self, host_id: uuid.UUID, row_id: uuid.UUID, value: dict[str, Any]) -> Sealed:
+        """`value` sealed under the Host's key, bound to the row that holds it (a connector, a message)."""
         nonce = os.urandom(NONCE_BYTES)
-        plaintext = json.dumps(config, separators=(",", ":")).encode()
-        ciphertext = self._host_key(self.current, host_id).encrypt(nonce, plaintext, connector_id.bytes)
+        plaintext = json.dumps(value, separators=(",", ":")).encode()
+        ciphertext = self._host_key(self.current, host_id).encrypt(nonce, plaintext, row_id.bytes)
         return Sealed(self.current_id, nonce + ciphertext)
 
-    def open(self, host_id: uuid.UUID, connector_id: uuid.UUID, sealed: Sealed) -> dict[str, Any]:
+    def digest(self, host_id: uuid.UUID, data: bytes) -> str:
+        """A keyed digest of `data` for the Host: compares requests without keeping (or exposing) their words."""
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=HKDF_SALT, info=b"digest:" + host_id.bytes).derive(
+            self.current
+        )
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+    def open(self, host_id: uuid.UUID, row_id: uuid.UUID, sealed: Sealed) -> dict[str, Any]:
         master = self._keys.get(sealed.key_id)
         if master is None:
             raise SealError(f"no master key with id {sealed.key_id}: add it to OLD_MASTER_KEYS")
         nonce, ciphertext = sealed.ciphertext[:NONCE_BYTES], sealed.ciphertext[NONCE_BYTES:]
         try:
-            plaintext = self._host_key(master, host_id).decrypt(nonce, ciphertext, connector_id.bytes)
+            plaintext = self._host_key(master, host_id).decrypt(nonce, ciphertext, row_id.bytes)
         except InvalidTag:
-            raise SealError("sealed config does not open: wrong key or tampered data") from None
+            raise SealError("sealed value does not open: wrong key or tampered data") from None
         return json.loads(plaintext)

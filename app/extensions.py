@@ -7,13 +7,13 @@ import logging
 from typing import Any
 
 import flask_smorest
+from apispec.ext.marshmallow import MarshmallowPlugin, OpenAPIConverter
 from flask import Flask, Request, g
 from flask_jwt_extended import JWTManager
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_smorest import Api, abort
 from flask_sqlalchemy import SQLAlchemy
-from apispec.ext.marshmallow import MarshmallowPlugin, OpenAPIConverter
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 from webargs.flaskparser import FlaskParser, is_json_request

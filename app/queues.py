@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
+from flask import current_app
 from kombu import Exchange, Queue
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.json import dumps, loads
@@ -59,13 +61,27 @@ TRANSPORT_ALIASES["embeddedfs"] = f"{__name__}:EmbeddedFilesystemTransport"
 # Fail fast when Redis is down: the caller is waiting on an HTTP request.
 FAIL_FAST = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
-# Periodic work (the sweep) runs here; each connector type's sends and checks run on the type's own queue,
-# so a slow provider holds up only its own kind.
-MAINTENANCE_QUEUE = "maintenance"
+# Each connector type's sends and checks run on the type's own queue, so a slow provider holds up only its
+# own kind; deciding what a message does next, and the periodic sweep, run on this one.
+DISPATCH_QUEUE = "dispatch"
+SWEEP = "dispatch.sweep"
+
+log = logging.getLogger(__name__)
 
 
 def queue_names() -> list[str]:
-    return [*(kind.queue for kind in CHANNELS.values()), MAINTENANCE_QUEUE]
+    return [*(kind.queue for kind in CHANNELS.values()), DISPATCH_QUEUE]
+
+
+def nudge(task_name: str, *args: Any, queue: str = DISPATCH_QUEUE) -> bool:
+    """Queue a job that only speeds up what the database already says must happen (the sweep would find it
+    later); False, logged, when the broker cannot take it."""
+    try:
+        current_app.extensions["celery"].signature(task_name, args=args, queue=queue).apply_async()
+        return True
+    except Exception as exc:  # kombu raises several types when the broker is down
+        log.warning("could not queue %s: %s; the sweep will pick it up", task_name, type(exc).__name__)
+        return False
 
 
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
@@ -82,9 +98,9 @@ def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, 
     common: dict[str, Any] = {
         "include": ["worker.tasks"],
         "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in queue_names()],
-        "task_default_queue": MAINTENANCE_QUEUE,
+        "task_default_queue": DISPATCH_QUEUE,
         "beat_schedule": {
-            "sweep": {"task": "maintenance.sweep", "schedule": settings["SWEEP_INTERVAL"]},
+            "sweep": {"task": SWEEP, "schedule": settings["SWEEP_INTERVAL"], "options": {"expires": 60}},
         },
         "beat_schedule_filename": str(instance_path / "celerybeat-schedule"),
         "task_serializer": "json",

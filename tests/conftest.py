@@ -102,6 +102,9 @@ def service_env(tmp_path_factory: pytest.TempPathFactory, peers: Peers) -> Itera
         "ALLOW_PRIVATE_DESTINATIONS": "true",
         "TEST_DELIVERY_TIMEOUT": "5",
         "PROVIDER_TIMEOUT": "2",
+        # Dispatch rounds a second or so apart, so that retries and expiry fit in a test.
+        "DISPATCH_RETRY_BASE": "0.3",
+        "DISPATCH_RETRY_MAX": "1",
         "LOG_LEVEL": "DEBUG",
         "TWILIO_API_BASE_URL": peers.twilio.base_url,
         "WHATSAPP_API_BASE_URL": peers.whatsapp.base_url,
@@ -207,7 +210,7 @@ def clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
 
     with flask_app.app_context():
         db.session.rollback()
-        for table in ("delivery_attempts", "connectors", "hosts"):
+        for table in ("delivery_attempts", "messages", "connectors", "hosts"):
             db.session.execute(text(f"DELETE FROM {table}"))
         db.session.commit()
         limiter.reset()

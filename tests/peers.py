@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 SLOW_SECONDS = 4.0
+_request = threading.local()  # the peer generation an HTTP request began in
 
 
 def free_port() -> int:
@@ -45,15 +46,24 @@ class Peer:
     credentials: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds an HTTP peer waits before answering, in any mode
 
-    def record(self, item: dict[str, Any]) -> None:
+    def record(self, item: dict[str, Any], generation: int | None = None) -> None:
+        """Keep what arrived; a request that began before the last reset belongs to an earlier test."""
         with self.lock:
-            self.received.append(item)
+            started = getattr(_request, "generation", None) if generation is None else generation
+            if started is None or started == self.generation:
+                self.received.append(item)
+
+    def __post_init__(self) -> None:
+        self.original_credentials = dict(self.credentials)
+        self.generation = 0
 
     def reset(self) -> None:
         with self.lock:
+            self.generation += 1
             self.received.clear()
             self.mode = "ok"
             self.delay = 0.0
+            self.credentials = dict(self.original_credentials)
 
     def wait_for(self, count: int, seconds: float = 5.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + seconds
@@ -76,6 +86,7 @@ class _SmtpHandler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001, ANN201
+        generation = self.peer.generation
         if self.peer.mode == "slow":
             import asyncio
 
@@ -89,7 +100,8 @@ class _SmtpHandler:
                 "data": envelope.content.decode("utf-8", "replace"),
                 "tls": session.ssl is not None,
                 "login": session.login_data.decode() if isinstance(session.login_data, bytes) else session.login_data,
-            }
+            },
+            generation,
         )
         return "250 Message accepted"
 
@@ -173,6 +185,7 @@ class HttpPeer(Peer):
                 pass
 
             def _handle(self) -> None:
+                _request.generation = peer.generation
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 if peer.mode == "slow":
@@ -234,6 +247,8 @@ class TwilioPeer(HttpPeer):
                 "status": 401,
             }
         form = {key: values[0] for key, values in parse_qs(body.decode()).items()}
+        if self.mode == "echo":  # a provider that quotes what it was sent, credentials included
+            return 400, {"code": 21211, "message": f"Bad request with Authorization: {auth}", "status": 400}
         if self.mode == "reject":
             return 400, {
                 "code": 21211,
@@ -284,6 +299,9 @@ class WhatsAppPeer(HttpPeer):
         if match.group(2) != self.credentials["phone_number_id"]:
             return 400, {"error": {"message": "Unsupported post request", "type": "GraphMethodException", "code": 100}}
         payload = json.loads(body or b"{}")
+        if self.mode == "echo":  # quotes the token, base64-encoded the way some gateways log it
+            quoted = base64.b64encode(f"Bearer {token}".encode()).decode()
+            return 500, {"error": {"message": f"upstream refused credentials {quoted}", "code": 1}}
         if self.mode == "reject":
             return 400, {
                 "error": {

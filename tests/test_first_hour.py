@@ -29,9 +29,10 @@ COMMANDS = {
     "beat": [str(BIN / "celery"), "-A", "celery_app", "beat"],
 }
 SECRETS = {"JWT_SECRET_KEY": "k" * 40, "MASTER_KEY": "22" * 32}
+NOBODY_LISTENS = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
 BAD_SETTINGS = {
     "garbage database url": ({"DATABASE_URL": "garbage", **SECRETS}, "DATABASE_URL"),
-    "unreachable database": ({"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x", **SECRETS}, "DATABASE_URL"),
+    "unreachable database": ({"DATABASE_URL": NOBODY_LISTENS, **SECRETS}, "DATABASE_URL"),
     "not a number": ({"TEST_DELIVERY_TIMEOUT": "abc"}, "TEST_DELIVERY_TIMEOUT"),
     "short master key": ({"MASTER_KEY": "abc", "JWT_SECRET_KEY": "k" * 40}, "MASTER_KEY"),
 }  # fmt: skip

@@ -16,8 +16,11 @@ from app.channels.base import DeliveryError, OutgoingMessage, ProviderSettings
 from app.deliveries import service as deliveries
 from app.errors import DATABASE_DOWN, discard_session
 from app.logs import request_id_var
+from app.messages import service as messages
 from app.outcomes import TIMEOUT, WORKER_ERROR, Outcome
+from app.queues import SWEEP, nudge
 from app.redact import scrub, secrets_in_scope
+from app.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,7 +145,70 @@ def _log_task(task: Task, attempt_id: str, connector_id: uuid.UUID | None, outco
     )
 
 
-@shared_task(name="maintenance.sweep")
+# --- dispatch ------------------------------------------------------------------------------------------------
+
+
+@shared_task(name=messages.ADVANCE_MESSAGE)
+def advance_message(message_id: str) -> None:
+    """Decide a message's next step and queue its send on the connector type's queue."""
+    step = with_database_retry("advance", lambda: messages.advance(uuid.UUID(message_id)))
+    if step is not None:
+        nudge(
+            messages.SEND_MESSAGE, str(step.message_id), str(step.connector_id), step.round, queue=step.connector_type
+        )
+
+
+@shared_task(name=messages.SEND_MESSAGE)
+def send_message(message_id: str, connector_id: str, round_: int) -> None:
+    """One provider call for one message through one connector, claimed in the database first."""
+    message_uuid = uuid.UUID(message_id)
+    job = with_database_retry("claim", lambda: messages.claim_send(message_uuid, uuid.UUID(connector_id), round_))
+    if job is None:  # no longer to be made (already made, expired, connector gone): let advance decide
+        nudge(messages.ADVANCE_MESSAGE, message_id)
+        return
+    left = (job.expires_at - utcnow()).total_seconds()  # nothing is sent after expires_at
+    provider = channel(job.connector_type).provider(
+        provider_settings(min(current_app.config["PROVIDER_TIMEOUT"], left))
+    )
+    secrets = provider.secrets(job.config)
+    retry_after = None
+    with secrets_in_scope(secrets):
+        started = time.perf_counter()
+        try:
+            provider.send(job.config, job.destination, job.message)
+        except DeliveryError as exc:
+            outcome = Outcome(False, failure_message(exc, secrets), error_code=exc.code)
+            retry_after = exc.retry_after
+        except Exception as exc:  # a bug or a library surprise: its text may hold secrets, the log scrubs them
+            log.exception("message %s failed unexpectedly: %s", message_id, type(exc).__name__)
+            outcome = Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
+        else:
+            outcome = Outcome(True, "delivered", delivery_time_ms=deliveries.elapsed_ms(started))
+    log.info(
+        "message %s through %s: %s",
+        message_id,
+        job.connector_type,
+        "sent" if outcome.success else outcome.error_code,
+        extra={"fields": {"message_id": message_id, "connector_id": connector_id, "outcome": outcome.error_code}},
+    )
+    try:
+        more = with_database_retry("record", lambda: messages.finish_send(job, outcome, retry_after))
+    except Exception as exc:  # the lease runs out and advance closes the attempt as unknown
+        log.error("could not record the outcome of message %s: %s", message_id, type(exc).__name__)
+        return
+    if more:
+        nudge(messages.ADVANCE_MESSAGE, message_id)
+
+
+# --- periodic -------------------------------------------------------------------------------------------------
+
+
+@shared_task(name=SWEEP)
 def sweep() -> dict[str, int]:
-    """Periodic (Celery beat): close what nobody will close otherwise."""
-    return {"attempts_closed": deliveries.close_overdue()}
+    """Celery beat, every SWEEP_INTERVAL: close and advance what no job will (lost jobs, dead workers, rounds
+    due, expiry). Idempotent, so two beats by mistake do no harm."""
+    closed = deliveries.close_overdue()
+    due = messages.due_messages()
+    for message_id in due:
+        nudge(messages.ADVANCE_MESSAGE, str(message_id))
+    return {"attempts_closed": closed, "messages_advanced": len(due)}

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from app.auth.models import Host
@@ -15,6 +15,7 @@ from app.auth.service import ensure_host, lock_host
 from app.channels import load_config
 from app.connectors.models import Connector
 from app.crypto import Keyring, Sealed, SealError
+from app.deliveries.models import MESSAGE, DeliveryAttempt
 from app.errors import ConflictError, InvalidError, NotFoundError
 from app.extensions import db
 
@@ -102,6 +103,10 @@ def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
     if host is not None and host.will_active and remaining <= 1:
         db.session.rollback()
         raise ConflictError("Cannot delete the last connector while the will is active")
+    # Its tests and checks go with it; dispatch attempts stay in their messages' history.
+    db.session.execute(
+        delete(DeliveryAttempt).where(DeliveryAttempt.connector_id == connector_id, DeliveryAttempt.kind != MESSAGE)
+    )
     db.session.delete(connector)
     db.session.commit()
 

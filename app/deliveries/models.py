@@ -9,17 +9,23 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.extensions import db
 from app.timeutil import utcnow
 
-# pending -> sending -> sent | failed. A caller that stops waiting closes a pending attempt as timeout; the
-# sweep closes what is still open past its deadline: pending as timeout, sending as unknown (the provider
-# call may have gone through). A worker still alive then records its real outcome over timeout or unknown.
+# Tests and checks: pending -> sending -> sent | failed. A caller that stops waiting closes a pending attempt as
+# timeout; the sweep closes what is still open past its deadline: pending as timeout, sending as unknown (the
+# provider call may have gone through). A worker still alive then records its real outcome over either.
+# Dispatch attempts start at sending: they are created by the claim itself.
 PENDING, SENDING, SENT, FAILED, TIMEOUT, UNKNOWN = "pending", "sending", "sent", "failed", "timeout", "unknown"
-OPEN = (PENDING, SENDING)
-TEST, CHECK = "test", "check"
+STATUSES = (PENDING, SENDING, SENT, FAILED, TIMEOUT, UNKNOWN)
+TEST, CHECK, MESSAGE = "test", "check", "message"
+KINDS = (TEST, CHECK, MESSAGE)
 OPEN_FILTER = text("status IN ('pending', 'sending')")
+OPEN_PROBE_FILTER = text("status IN ('pending', 'sending') AND kind IN ('test', 'check')")
 
 
 class DeliveryAttempt(db.Model):
-    """One test send or credential check: what was tried, how it ended. No secret, a masked destination."""
+    """One test send, credential check or dispatch attempt: what was tried, how it ended.
+
+    No secret and no text; the destination is masked.
+    """
 
     __tablename__ = "delivery_attempts"
     __table_args__ = (
@@ -29,26 +35,30 @@ class DeliveryAttempt(db.Model):
             "uq_delivery_attempts_one_open_per_connector",
             "connector_id",
             unique=True,
-            postgresql_where=OPEN_FILTER,
-            sqlite_where=OPEN_FILTER,
+            postgresql_where=OPEN_PROBE_FILTER,
+            sqlite_where=OPEN_PROBE_FILTER,
         ),
         # The sweep finds what is still open past its deadline.
         Index(
             "ix_delivery_attempts_open_deadline", "deadline_at", postgresql_where=OPEN_FILTER, sqlite_where=OPEN_FILTER
         ),
+        # At most once per connector and round of a message: a second claim of the same send fails here.
+        Index("uq_delivery_attempts_message_connector_round", "message_id", "connector_id", "round", unique=True),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    connector_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("connectors.id", ondelete="CASCADE"), nullable=False
-    )
+    # A dispatch attempt outlives its connector (the message's history); a test or check goes with it.
+    connector_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("connectors.id", ondelete="SET NULL"))
+    connector_type: Mapped[str | None] = mapped_column(String(16))
     kind: Mapped[str] = mapped_column(String(16), nullable=False, default=TEST, server_default=TEST)
+    message_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("messages.id", ondelete="CASCADE"))
+    round: Mapped[int | None] = mapped_column(Integer)
     destination: Mapped[str | None] = mapped_column(String(320))
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=PENDING)
     error_code: Mapped[str | None] = mapped_column(String(32))
     message: Mapped[str | None] = mapped_column(Text)
     delivery_time_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
-    # When the caller stops waiting: the worker does not start after it, and the sweep closes what is open.
+    # Tests and checks: when the caller stops waiting. Dispatch: the lease of the provider call.
     deadline_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -31,7 +31,7 @@ from app.channels import channel
 from app.connectors.models import Connector
 from app.connectors.service import get_connector, open_config
 from app.deliveries.models import FAILED, PENDING, SENDING, SENT, TEST, TIMEOUT, UNKNOWN, DeliveryAttempt
-from app.errors import IN_PROGRESS, BusyError, ConflictError, InvalidError
+from app.errors import DATABASE_DOWN, IN_PROGRESS, BusyError, ConflictError, InvalidError, discard_session
 from app.extensions import db
 from app.logs import request_id_var
 from app.outcomes import BROKER_UNAVAILABLE, PROVIDER_CAUSED, WORKER_ERROR, Outcome
@@ -94,7 +94,7 @@ def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) 
     db.session.rollback()  # nothing is held while the test runs
     timeout = current_app.config["TEST_DELIVERY_TIMEOUT"]
     with _wait_slot():
-        attempt_id = _open_attempt(connector_id, TEST, kind.mask(destination), timeout)
+        attempt_id = _open_attempt(connector_id, kind.name, TEST, kind.mask(destination), timeout)
         # The worker must be done by this (wall-clock) deadline, so nothing is sent after the caller's 502:
         # the expiry voids a job no worker took in time, and the worker cuts a send short at the deadline.
         deadline = time.time() + timeout
@@ -120,10 +120,13 @@ def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) 
         return _await(attempt_id, result, timeout)
 
 
-def _open_attempt(connector_id: uuid.UUID, kind: str, destination: str | None, timeout: float) -> uuid.UUID:
+def _open_attempt(
+    connector_id: uuid.UUID, connector_type: str, kind: str, destination: str | None, timeout: float
+) -> uuid.UUID:
     attempt = DeliveryAttempt(
         id=uuid.uuid4(),
         connector_id=connector_id,
+        connector_type=connector_type,
         kind=kind,
         destination=destination,
         status=PENDING,
@@ -149,11 +152,16 @@ def _await(attempt_id: uuid.UUID, result: AsyncResult, timeout: float) -> Outcom
             value = _poll_result(result, LOG_POLL_SECONDS if remaining > 2 * LOG_POLL_SECONDS else max(remaining, 0))
             if isinstance(value, dict) and "success" in value:
                 return Outcome(**value)
-            if value is REVOKED:  # the job expired before a worker took it
-                break
             logged = _logged_outcome(attempt_id)
             if logged is not None:
                 return logged
+            if value is REVOKED or result.state == REVOKED:  # the job expired before a worker took it
+                break
+            if isinstance(value, BaseException):  # the task itself raised: a bug, not the provider
+                log.error("test %s failed in the worker: %s", attempt_id, type(value).__name__)
+                outcome = Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
+                close_open(attempt_id, outcome)
+                return outcome
             if time.monotonic() >= deadline:
                 break
     finally:
@@ -196,9 +204,14 @@ def _forget(result: AsyncResult) -> None:
 
 
 def _logged_outcome(attempt_id: uuid.UUID) -> Outcome | None:
-    """The outcome the worker recorded, if it has."""
-    attempt = db.session.get(DeliveryAttempt, attempt_id, populate_existing=True)
-    db.session.rollback()
+    """The outcome the worker recorded, if it has; None while the database cannot say."""
+    try:
+        attempt = db.session.get(DeliveryAttempt, attempt_id, populate_existing=True)
+        db.session.rollback()
+    except DATABASE_DOWN as exc:  # the result may still come through the broker: keep waiting for it
+        log.warning("attempt log unavailable while waiting for %s: %s", attempt_id, type(exc).__name__)
+        discard_session()
+        return None
     if attempt is None or attempt.status not in (SENT, FAILED):
         return None
     if attempt.status == SENT:
@@ -211,13 +224,20 @@ def close_open(attempt_id: uuid.UUID, outcome: Outcome) -> None:
     sending as unknown (the worker may have died during the provider call). A worker still alive records its
     real outcome over either."""
     now = utcnow()
-    for status, closed_as in ((PENDING, TIMEOUT if outcome.error_code == TIMEOUT_CODE else FAILED), (SENDING, UNKNOWN)):
-        db.session.execute(
-            update(DeliveryAttempt)
-            .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == status)
-            .values(status=closed_as, error_code=outcome.error_code, message=outcome.message, finished_at=now)
-        )
-    db.session.commit()
+    try:
+        for status, closed_as in (
+            (PENDING, TIMEOUT if outcome.error_code == TIMEOUT_CODE else FAILED),
+            (SENDING, UNKNOWN),
+        ):
+            db.session.execute(
+                update(DeliveryAttempt)
+                .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == status)
+                .values(status=closed_as, error_code=outcome.error_code, message=outcome.message, finished_at=now)
+            )
+        db.session.commit()
+    except DATABASE_DOWN as exc:  # the sweep closes it once the database is back
+        log.warning("could not close attempt %s: %s", attempt_id, type(exc).__name__)
+        discard_session()
 
 
 # --- the worker's side -------------------------------------------------------------------------------------

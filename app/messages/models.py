@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint, Uuid
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.extensions import db
+from app.timeutil import utcnow
+
+# queued -> sending -> delivered | failed | expired, with retrying between rounds.
+QUEUED, SENDING, RETRYING, DELIVERED, FAILED, EXPIRED = (
+    "queued",
+    "sending",
+    "retrying",
+    "delivered",
+    "failed",
+    "expired",
+)
+IN_FLIGHT = (QUEUED, SENDING, RETRYING)
+FINAL = (DELIVERED, FAILED, EXPIRED)
+STATUSES = (*IN_FLIGHT, *FINAL)
+PURPOSES = ("otp", "notification", "liveness")
+
+
+class Message(db.Model):
+    """A notification or OTP to deliver through a Host's connectors; the database is its only source of truth.
+
+    Its words and full addresses are sealed under the Host's key and erased once it is final; what stays is the
+    masked recipient and the attempts.
+    """
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("host_id", "idempotency_key", name="uq_messages_host_idempotency_key"),
+        Index("ix_messages_host_created", "host_id", "created_at"),
+        # The sweep's question: which unfinished messages are due for a look?
+        Index("ix_messages_status_due", "status", "due_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    host_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False)
+    idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False)
+    request_digest: Mapped[str] = mapped_column(String(64), nullable=False)
+    purpose: Mapped[str] = mapped_column(String(16), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=QUEUED)
+    routes: Mapped[list[str]] = mapped_column(JSON, nullable=False)  # connector types that can reach the recipient
+    recipient_masked: Mapped[dict[str, str]] = mapped_column(JSON, nullable=False)
+    round: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    # When someone must look at the message next (a round's backoff, a lease, a lost job); none once final.
+    due_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The earliest the next round may start, when a provider asked us to wait (a 429's Retry-After).
+    not_before: Mapped[datetime | None] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow, onupdate=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    delivered_via_connector_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    delivered_via_type: Mapped[str | None] = mapped_column(String(16))
+    body_key_id: Mapped[str | None] = mapped_column(String(32))
+    body_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+    @property
+    def delivered_via(self) -> dict[str, object] | None:
+        if self.delivered_via_type is None:
+            return None
+        return {"connector_id": self.delivered_via_connector_id, "type": self.delivered_via_type}

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import uuid
+
+from flask.views import MethodView
+
+from app.auth import service_required
+from app.errors import documents_errors
+from app.extensions import Blueprint
+from app.messages import service
+from app.messages.schemas import (
+    IdempotencyKeySchema,
+    MessageCreateSchema,
+    MessageListSchema,
+    MessageQuerySchema,
+    MessageSchema,
+)
+from app.queues import nudge
+
+blp = Blueprint(
+    "messages", __name__, url_prefix="/api/internal", description="Dispatch through a Host's connectors (services)"
+)
+
+
+@blp.route("/hosts/<uuid:host_id>/messages")
+class HostMessages(MethodView):
+    decorators = [service_required]
+
+    @blp.arguments(IdempotencyKeySchema, location="headers")
+    @blp.arguments(MessageCreateSchema)
+    @blp.response(202, MessageSchema, description="Accepted: the message is stored and will be dispatched")
+    @blp.alt_response(200, schema=MessageSchema, description="The message this Idempotency-Key already made")
+    @documents_errors(blp, 401, 403, 404, 413, 422, 503)
+    def post(self, headers: dict, data: dict, host_id: uuid.UUID) -> tuple[dict, int]:
+        """Deliver a notification or OTP through the Host's connectors, in priority order with fallback"""
+        message, created = service.create_message(host_id, headers["key"], data)
+        if created:
+            nudge(service.ADVANCE_MESSAGE, str(message.id))
+        return service.view(message), 202 if created else 200
+
+    @blp.arguments(MessageQuerySchema, location="query")
+    @blp.response(200, MessageListSchema)
+    @documents_errors(blp, 401, 403, 404, 503)
+    def get(self, query: dict, host_id: uuid.UUID) -> dict:
+        """A Host's messages, newest first"""
+        messages = service.list_messages(host_id, query.get("status"), query["limit"])
+        return {"messages": [service.view(message) for message in messages]}
+
+
+@blp.route("/messages/<uuid:message_id>")
+class MessageById(MethodView):
+    decorators = [service_required]
+
+    @blp.response(200, MessageSchema)
+    @documents_errors(blp, 401, 403, 404, 503)
+    def get(self, message_id: uuid.UUID) -> dict:
+        """A message, its status and every attempt, oldest first (never its text)"""
+        return service.view(service.get_message(message_id))
