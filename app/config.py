@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -160,6 +162,21 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
     if provider_timeout >= test_timeout:
         raise ConfigError("PROVIDER_TIMEOUT must be below TEST_DELIVERY_TIMEOUT")
 
+    webhook_url = env.get("EVENTS_WEBHOOK_URL", "").strip() or None
+    webhook_secret = env.get("EVENTS_WEBHOOK_SECRET", "").strip() or None
+    if webhook_url:
+        parts = urlsplit(webhook_url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ConfigError("EVENTS_WEBHOOK_URL must be an http:// or https:// URL")
+        if not webhook_secret:
+            raise ConfigError("EVENTS_WEBHOOK_SECRET is not set; it is required with EVENTS_WEBHOOK_URL")
+    if webhook_secret:
+        try:
+            if not webhook_secret.startswith("whsec_") or len(base64.b64decode(webhook_secret[6:], validate=True)) < 24:
+                raise ValueError
+        except ValueError:
+            raise ConfigError("EVENTS_WEBHOOK_SECRET must be whsec_ and base64 of 24 to 64 random bytes") from None
+
     log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
@@ -182,6 +199,11 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
         "ALLOW_PRIVATE_DESTINATIONS": _bool(env, "ALLOW_PRIVATE_DESTINATIONS", embedded and not production),
         "TEST_WAITS_PER_PROCESS": int(_number(env, "TEST_WAITS_PER_PROCESS", 8, 1, 10_000)),
         "SWEEP_INTERVAL": _number(env, "SWEEP_INTERVAL", 15.0, 0.5, 3600.0),
+        "CONNECTOR_CHECK_INTERVAL": _number(env, "CONNECTOR_CHECK_INTERVAL", 86400.0, 1.0, 365 * 86400.0),
+        "CONNECTOR_CHECK_CONCURRENCY": int(_number(env, "CONNECTOR_CHECK_CONCURRENCY", 10, 1, 10_000)),
+        "EVENTS_WEBHOOK_URL": webhook_url,
+        "EVENTS_WEBHOOK_SECRET": webhook_secret,
+        "EVENTS_RETRY_BASE": _number(env, "EVENTS_RETRY_BASE", 1.0, 0.1, 3600.0),
         "DISPATCH_RETRY_BASE": _number(env, "DISPATCH_RETRY_BASE", 30.0, 0.1, 3600.0),
         "DISPATCH_RETRY_MAX": _number(env, "DISPATCH_RETRY_MAX", 3600.0, 0.1, 86400.0),
         "TWILIO_API_BASE_URL": env.get("TWILIO_API_BASE_URL", "https://api.twilio.com").rstrip("/"),

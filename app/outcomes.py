@@ -54,6 +54,7 @@ class Outcome:
     message: str
     delivery_time_ms: int | None = None
     error_code: str | None = None
+    details: dict[str, str] | None = None  # a check's public facts (the bot's @username, the SMTP greeting)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -65,6 +65,7 @@ FAIL_FAST = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "inter
 # own kind; deciding what a message does next, and the periodic sweep, run on this one.
 DISPATCH_QUEUE = "dispatch"
 SWEEP = "dispatch.sweep"
+CHECK_SCHEDULE = "checks.schedule"
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,12 @@ def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, 
         "task_default_queue": DISPATCH_QUEUE,
         "beat_schedule": {
             "sweep": {"task": SWEEP, "schedule": settings["SWEEP_INTERVAL"], "options": {"expires": 60}},
+            # Often enough that checks due over the interval go out evenly, not in a burst per tick.
+            "checks": {
+                "task": CHECK_SCHEDULE,
+                "schedule": min(60.0, max(0.5, settings["CONNECTOR_CHECK_INTERVAL"] / 100)),
+                "options": {"expires": 60},
+            },
         },
         "beat_schedule_filename": str(instance_path / "celerybeat-schedule"),
         "task_serializer": "json",

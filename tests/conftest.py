@@ -8,6 +8,7 @@ tests run on a fresh PostgreSQL database, with Redis as broker, result backend a
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
-from tests.peers import SmtpPeer, TelegramPeer, TwilioPeer, WhatsAppPeer, self_signed_certificate
+from tests.peers import SmtpPeer, TelegramPeer, TwilioPeer, WebhookReceiver, WhatsAppPeer, self_signed_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "").strip()
@@ -44,6 +45,7 @@ TELEGRAM_TOKEN = "7012345678:AAHtgSecretToken4b2d9e8f1a3c5d7e"
 SECRET_VALUES = (SMTP_PASSWORD, TWILIO_SECRET, WHATSAPP_TOKEN, TELEGRAM_TOKEN, TELEGRAM_TOKEN.partition(":")[2])
 
 USES_REDIS = bool(TEST_REDIS_URL)
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"bapba-test-webhook-secret-32bytes!").decode()
 
 
 @dataclass
@@ -53,9 +55,10 @@ class Peers:
     twilio: TwilioPeer
     whatsapp: WhatsAppPeer
     telegram: TelegramPeer
+    events: WebhookReceiver
 
     def all(self) -> list[Any]:
-        return [self.smtp, self.smtp_tls, self.twilio, self.whatsapp, self.telegram]
+        return [self.smtp, self.smtp_tls, self.twilio, self.whatsapp, self.telegram, self.events]
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +76,7 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
         ).start(),
         whatsapp=WhatsAppPeer(access_token=WHATSAPP_TOKEN, phone_number_id=WHATSAPP_PHONE_ID).start(),
         telegram=TelegramPeer(bot_token=TELEGRAM_TOKEN).start(),
+        events=WebhookReceiver(WEBHOOK_SECRET).start(),
     )
     started.cert_file = cert  # type: ignore[attr-defined]
     yield started
@@ -105,6 +109,11 @@ def service_env(tmp_path_factory: pytest.TempPathFactory, peers: Peers) -> Itera
         # Dispatch rounds a second or so apart, so that retries and expiry fit in a test.
         "DISPATCH_RETRY_BASE": "0.3",
         "DISPATCH_RETRY_MAX": "1",
+        # Re-checks every few seconds when a test asks the scheduler, as beat would; events to the receiver.
+        "CONNECTOR_CHECK_INTERVAL": "2",
+        "EVENTS_WEBHOOK_URL": f"{peers.events.base_url}/bapba/events",
+        "EVENTS_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "EVENTS_RETRY_BASE": "0.2",
         "LOG_LEVEL": "DEBUG",
         "TWILIO_API_BASE_URL": peers.twilio.base_url,
         "WHATSAPP_API_BASE_URL": peers.whatsapp.base_url,
@@ -210,7 +219,7 @@ def clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
 
     with flask_app.app_context():
         db.session.rollback()
-        for table in ("delivery_attempts", "messages", "connectors", "hosts"):
+        for table in ("delivery_attempts", "messages", "events", "connectors", "hosts"):
             db.session.execute(text(f"DELETE FROM {table}"))
         db.session.commit()
         limiter.reset()

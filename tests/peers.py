@@ -64,6 +64,10 @@ class Peer:
             self.mode = "ok"
             self.delay = 0.0
             self.credentials = dict(self.original_credentials)
+            for name in ("owned_numbers", "listed_numbers"):  # back to the class's defaults
+                self.__dict__.pop(name, None)
+            if hasattr(self, "rcpt_count"):
+                self.rcpt_count = 0
 
     def wait_for(self, count: int, seconds: float = 5.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + seconds
@@ -79,7 +83,15 @@ class _SmtpHandler:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802, ANN001, ANN201
+        if self.peer.mode == "reject_sender":
+            return "550 5.7.1 Sender address not allowed for this account"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802, ANN001, ANN201
+        self.peer.rcpt_count += 1
         if self.peer.mode == "reject":
             return "550 5.1.1 No such user here"
         envelope.rcpt_tos.append(address)
@@ -109,6 +121,7 @@ class _SmtpHandler:
 class SmtpPeer(Peer):
     def __init__(self, username: str, password: str, tls_context: ssl.SSLContext | None = None) -> None:
         super().__init__(credentials={"username": username, "password": password})
+        self.rcpt_count = 0
         self.port = free_port()
         peer = self
 
@@ -125,6 +138,7 @@ class SmtpPeer(Peer):
             _SmtpHandler(self),
             hostname="127.0.0.1",
             port=self.port,
+            server_hostname="mx.peer.example",
             authenticator=authenticator,
             auth_required=True,
             auth_require_tls=tls_context is not None,
@@ -222,24 +236,55 @@ class HttpPeer(Peer):
 
 
 class TwilioPeer(HttpPeer):
-    """POST /2010-04-01/Accounts/{AccountSid}/Messages.json, HTTP basic auth with the API key."""
+    """POST /2010-04-01/Accounts/{AccountSid}/Messages.json, HTTP basic auth with the API key; and for checks
+    GET /2010-04-01/Accounts/{AccountSid}.json and .../IncomingPhoneNumbers.json?PhoneNumber=..."""
 
     PATH = re.compile(r"^/2010-04-01/Accounts/(AC[0-9a-fA-F]{32})/Messages\.json$")
+    ACCOUNT = re.compile(r"^/2010-04-01/Accounts/(AC[0-9a-fA-F]{32})(/IncomingPhoneNumbers)?\.json(\?.*)?$")
+    owned_numbers = ("+14155550100",)
 
     def answer(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        if method == "GET" and self.ACCOUNT.match(path):
+            return self._account(path, headers)
         match = self.PATH.match(path)
         if method != "POST" or not match:
             return 404, {"code": 20404, "message": "The requested resource was not found", "status": 404}
+        return self._messages(match, headers, body)
+
+    def _authorized(self, headers: Any, account: str) -> bool:
         auth = headers.get("Authorization", "")
         user, _, secret = (
             base64.b64decode(auth.removeprefix("Basic ")).decode().partition(":") if auth else ("", "", "")
         )
-        good = (
+        return (
             user == self.credentials["api_key_sid"]
             and secret == self.credentials["api_key_secret"]
-            and match.group(1) == self.credentials["account_sid"]
+            and account == self.credentials["account_sid"]
+            and self.mode != "auth"
         )
-        if not good or self.mode == "auth":
+
+    def _account(self, path: str, headers: Any) -> tuple[int, Any]:
+        match = self.ACCOUNT.match(path)
+        assert match is not None
+        account = match.group(1)
+        if not self._authorized(headers, account):
+            return 401, {"code": 20003, "message": "Authenticate", "status": 401}
+        self.record({"check": "numbers" if match.group(2) else "account", "account": account})
+        if not match.group(2):
+            return 200, {"sid": account, "friendly_name": "BAPBA test account", "status": "active"}
+        wanted = parse_qs((match.group(3) or "?")[1:]).get("PhoneNumber", [None])[0]
+        numbers = [n for n in self.owned_numbers if wanted in (None, n)]
+        return 200, {
+            "incoming_phone_numbers": [
+                {"sid": "PN" + "0" * 32, "account_sid": account, "phone_number": n, "friendly_name": n} for n in numbers
+            ],
+            "page": 0, "page_size": 50, "first_page_uri": path, "next_page_uri": None, "previous_page_uri": None,
+            "uri": path, "start": 0, "end": len(numbers),
+        }  # fmt: skip
+
+    def _messages(self, match: re.Match[str], headers: Any, body: bytes) -> tuple[int, Any]:
+        auth = headers.get("Authorization", "")
+        if not self._authorized(headers, match.group(1)):
             return 401, {
                 "code": 20003,
                 "message": "Authenticate",
@@ -278,11 +323,16 @@ class TwilioPeer(HttpPeer):
 
 
 class WhatsAppPeer(HttpPeer):
-    """POST /{version}/{phone_number_id}/messages with a bearer access token."""
+    """POST /{version}/{phone_number_id}/messages with a bearer access token; and for checks GET
+    /{version}/{phone_number_id}?fields=... and /{version}/{business_account_id}/phone_numbers."""
 
     PATH = re.compile(r"^/(v[0-9]+\.[0-9]+)/([0-9]+)/messages$")
+    GRAPH_GET = re.compile(r"^/(v[0-9]+\.[0-9]+)/([0-9]+)(/phone_numbers)?(\?.*)?$")
+    listed_numbers: tuple[str, ...] | None = None  # phone number ids the business account lists (default: ours)
 
     def answer(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        if method == "GET" and self.GRAPH_GET.match(path):
+            return self._graph_get(path, headers)
         match = self.PATH.match(path)
         if method != "POST" or not match:
             return 404, {"error": {"message": "Unknown path components", "type": "OAuthException", "code": 2500}}
@@ -319,6 +369,23 @@ class WhatsAppPeer(HttpPeer):
             "contacts": [{"input": payload.get("to"), "wa_id": payload.get("to")}],
             "messages": [{"id": "wamid.HBgLMTY1MDM4Nzk0MzkVAgARGBI"}],
         }
+
+    def _graph_get(self, path: str, headers: Any) -> tuple[int, Any]:
+        match = self.GRAPH_GET.match(path)
+        assert match is not None
+        token = headers.get("Authorization", "").removeprefix("Bearer ")
+        if token != self.credentials["access_token"] or self.mode == "auth":
+            return 401, {"error": {"message": "Invalid OAuth access token", "type": "OAuthException", "code": 190}}
+        own = self.credentials["phone_number_id"]
+        number = {"id": own, "display_phone_number": "+1 415-555-0100", "verified_name": "BAPBA Test"}
+        if match.group(3):  # the business account's numbers
+            self.record({"check": "phone_numbers", "account": match.group(2)})
+            listed = self.listed_numbers if self.listed_numbers is not None else (own,)
+            return 200, {"data": [{**number, "id": each} for each in listed]}
+        self.record({"check": "phone_number", "id": match.group(2)})
+        if match.group(2) != own:
+            return 400, {"error": {"message": "Unsupported get request", "type": "GraphMethodException", "code": 100}}
+        return 200, number
 
 
 class TelegramPeer(HttpPeer):
@@ -366,3 +433,28 @@ class TelegramPeer(HttpPeer):
                 "text": params.get("text"),
             },
         }
+
+
+class WebhookReceiver(HttpPeer):
+    """Another BAPBA service receiving events: checks each Standard Webhooks signature, keeps what verifies."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__(secret=secret)
+        self.refused = 0  # requests whose signature did not verify
+
+    def answer(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, Any]:
+        from standardwebhooks import Webhook, WebhookVerificationError
+
+        if method != "POST":
+            return 405, {}
+        if self.mode == "down":
+            return 503, {"error": "down for maintenance"}
+        try:
+            event = Webhook(self.credentials["secret"]).verify(
+                body, {key.lower(): value for key, value in headers.items()}
+            )
+        except WebhookVerificationError:
+            self.refused += 1
+            return 400, {"error": "bad signature"}
+        self.record({"webhook_id": headers["webhook-id"], **event})
+        return 204, b""

@@ -12,19 +12,22 @@ from celery import Task, shared_task
 from flask import current_app
 
 from app.channels import channel
-from app.channels.base import DeliveryError, OutgoingMessage, ProviderSettings
+from app.channels.base import DeliveryError, OutgoingMessage, Provider, ProviderSettings
 from app.deliveries import service as deliveries
 from app.errors import DATABASE_DOWN, discard_session
+from app.events import service as events
+from app.events.webhook import post_event
 from app.logs import request_id_var
 from app.messages import service as messages
 from app.outcomes import TIMEOUT, WORKER_ERROR, Outcome
-from app.queues import SWEEP, nudge
+from app.queues import CHECK_SCHEDULE, SWEEP, nudge
 from app.redact import scrub, secrets_in_scope
 from app.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CHECK_SUCCESS = "Credentials and sender verified; nothing was sent"
 TEST_MESSAGE = OutgoingMessage(
     subject="BAPBA connector test",
     text="This is a test message from your BAPBA connector. If you can read it, the channel works.",
@@ -76,46 +79,79 @@ def failure_message(error: DeliveryError, secrets: list[str]) -> str:
 def send_test(
     task: Task, attempt_id: str, destination: str, request_id: str | None = None, deadline: float | None = None
 ) -> dict[str, Any]:
+    """A test message to `destination`, for a Host waiting on the answer."""
+
+    def send(provider: Provider, config: dict[str, Any]) -> Outcome:
+        started = time.perf_counter()
+        provider.send(config, destination, TEST_MESSAGE)
+        return Outcome(True, deliveries.SUCCESS_MESSAGE, delivery_time_ms=deliveries.elapsed_ms(started))
+
+    return _probe(task, "test", attempt_id, send, request_id, deadline)
+
+
+@shared_task(name=deliveries.CHECK_CONNECTOR, bind=True)
+def check_connector(
+    task: Task, attempt_id: str, request_id: str | None = None, deadline: float | None = None
+) -> dict[str, Any]:
+    """Prove the credentials and the sender without delivering anything (a Host's check, or the re-check)."""
+
+    def check(provider: Provider, config: dict[str, Any]) -> Outcome:
+        started = time.perf_counter()
+        details = provider.verify(config)
+        return Outcome(True, CHECK_SUCCESS, delivery_time_ms=deliveries.elapsed_ms(started), details=details)
+
+    return _probe(task, "check", attempt_id, check, request_id, deadline)
+
+
+def _probe(
+    task: Task,
+    what: str,
+    attempt_id: str,
+    action: Callable[[Provider, dict[str, Any]], Outcome],
+    request_id: str | None,
+    deadline: float | None,
+) -> dict[str, Any]:
+    """Claim the attempt, run `action` against the provider within the caller's deadline, record the outcome."""
     request_id_var.set(request_id)  # the web request's id, in every line this task logs
     started_task = time.perf_counter()
     attempt_uuid = uuid.UUID(attempt_id)
     budget = current_app.config["PROVIDER_TIMEOUT"]
     if deadline is not None:
         budget = min(budget, deadline - time.time())
-    if budget < MIN_SEND_SECONDS:  # the caller has given up (or is about to): sending now would surprise them
-        outcome = Outcome(False, "the test reached a worker too late; it was not sent", error_code=TIMEOUT)
+    if budget < MIN_SEND_SECONDS:  # the caller has given up (or is about to): acting now would surprise them
+        outcome = Outcome(False, f"the {what} reached a worker too late; it was not started", error_code=TIMEOUT)
         with_database_retry("close", lambda: deliveries.close_open(attempt_uuid, outcome), seconds=5)
-        _log_task(task, attempt_id, None, "too_late", started_task)
+        _log_task(task, what, attempt_id, None, "too_late", started_task)
         return outcome.as_dict()
 
     try:
         job = with_database_retry("claim", lambda: deliveries.claim_attempt(attempt_uuid), seconds=budget)
     except Exception as exc:  # e.g. a config sealed under a key this worker does not have
-        log.exception("test %s could not be prepared: %s", attempt_id, type(exc).__name__)
-        outcome = Outcome(False, "the worker could not prepare the test", error_code=WORKER_ERROR)
+        log.exception("%s %s could not be prepared: %s", what, attempt_id, type(exc).__name__)
+        outcome = Outcome(False, f"the worker could not prepare the {what}", error_code=WORKER_ERROR)
         _record(attempt_uuid, None, outcome)
-        _log_task(task, attempt_id, None, "worker_error", started_task)
+        _log_task(task, what, attempt_id, None, "worker_error", started_task)
         return outcome.as_dict()
     if job is None:
-        outcome = Outcome(False, "this test was already started or closed; it is not sent twice", error_code=TIMEOUT)
-        _log_task(task, attempt_id, None, "skipped", started_task)
+        outcome = Outcome(False, f"this {what} was already started or closed; it is not run twice", error_code=TIMEOUT)
+        _log_task(task, what, attempt_id, None, "skipped", started_task)
         return outcome.as_dict()
 
     provider = channel(job.connector_type).provider(provider_settings(budget))
     secrets = provider.secrets(job.config)
     with secrets_in_scope(secrets):
-        started = time.perf_counter()
         try:
-            provider.send(job.config, destination, TEST_MESSAGE)
+            outcome = action(provider, job.config)
         except DeliveryError as exc:
             outcome = Outcome(False, failure_message(exc, secrets), error_code=exc.code)
         except Exception as exc:  # a bug or a library surprise: its text may hold secrets, the log scrubs them
-            log.exception("test %s failed unexpectedly: %s", attempt_id, type(exc).__name__)
+            log.exception("%s %s failed unexpectedly: %s", what, attempt_id, type(exc).__name__)
             outcome = Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
-        else:
-            outcome = Outcome(True, deliveries.SUCCESS_MESSAGE, delivery_time_ms=deliveries.elapsed_ms(started))
     _record(attempt_uuid, job, outcome)
-    _log_task(task, attempt_id, job.connector_id, "sent" if outcome.success else str(outcome.error_code), started_task)
+    done = "sent" if what == "test" else "verified"
+    _log_task(
+        task, what, attempt_id, job.connector_id, done if outcome.success else str(outcome.error_code), started_task
+    )
     return outcome.as_dict()
 
 
@@ -126,10 +162,13 @@ def _record(attempt_id: uuid.UUID, job: deliveries.Job | None, outcome: Outcome)
         log.error("could not record the outcome of %s: %s", attempt_id, type(exc).__name__)
 
 
-def _log_task(task: Task, attempt_id: str, connector_id: uuid.UUID | None, outcome: str, started: float) -> None:
+def _log_task(
+    task: Task, what: str, attempt_id: str, connector_id: uuid.UUID | None, outcome: str, started: float
+) -> None:
     queue = (task.request.delivery_info or {}).get("routing_key")
     log.info(
-        "test delivery %s: %s",
+        "%s %s: %s",
+        "test delivery" if what == "test" else what,
         attempt_id,
         outcome,
         extra={
@@ -211,4 +250,43 @@ def sweep() -> dict[str, int]:
     due = messages.due_messages()
     for message_id in due:
         nudge(messages.ADVANCE_MESSAGE, str(message_id))
+    if current_app.config["EVENTS_WEBHOOK_URL"] and events.has_due():
+        nudge(events.DELIVER_EVENTS)
     return {"attempts_closed": closed, "messages_advanced": len(due)}
+
+
+@shared_task(name=CHECK_SCHEDULE)
+def schedule_checks() -> int:
+    """Celery beat: queue the re-checks that are due (each connector once per CONNECTOR_CHECK_INTERVAL)."""
+    scheduled = with_database_retry("schedule checks", deliveries.schedule_checks, seconds=10)
+    for attempt_id, connector_type, deadline in scheduled:
+        current_app.extensions["celery"].signature(
+            deliveries.CHECK_CONNECTOR,
+            args=(str(attempt_id),),
+            kwargs={"deadline": deadline},
+            queue=connector_type,
+            expires=max(deadline - time.time(), 1),
+        ).apply_async()
+    return len(scheduled)
+
+
+@shared_task(name=events.DELIVER_EVENTS)
+def deliver_events() -> int:
+    """Send the outbox to EVENTS_WEBHOOK_URL, oldest first; stops at the first failure (order is kept)."""
+    config = current_app.config
+    if not config["EVENTS_WEBHOOK_URL"]:
+        return 0
+    timeout = config["PROVIDER_TIMEOUT"]
+    sent = 0
+    for _ in range(500):  # a bounded batch; the next nudge or sweep takes the rest
+        claimed = with_database_retry("claim event", lambda: events.claim_next(lease_seconds=timeout * 2 + 5))
+        if claimed is None:
+            break
+        error = post_event(
+            config["EVENTS_WEBHOOK_URL"], config["EVENTS_WEBHOOK_SECRET"], claimed.id, claimed.payload, timeout
+        )
+        with_database_retry("record event", lambda c=claimed, e=error: events.record_try(c, e))
+        if error is not None:
+            break
+        sent += 1
+    return sent

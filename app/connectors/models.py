@@ -29,3 +29,6 @@ class Connector(db.Model):
     config_sealed: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow, onupdate=utcnow)
+    # When the daily re-check is due: a test or check pushes it a whole interval on; new connectors are spread
+    # over the interval so that they are not all checked at once.
+    next_check_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.auth.models import Host
@@ -17,7 +19,9 @@ from app.connectors.models import Connector
 from app.crypto import Keyring, Sealed, SealError
 from app.deliveries.models import MESSAGE, DeliveryAttempt
 from app.errors import ConflictError, InvalidError, NotFoundError
+from app.events.service import announce, connector_event
 from app.extensions import db
+from app.timeutil import utcnow
 
 
 def keyring() -> Keyring:
@@ -52,18 +56,53 @@ def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> Connector:
     return connector
 
 
+def first_check_at(now: datetime) -> datetime:
+    """A random moment within the re-check interval: connectors are checked evenly over it, not all at once."""
+    return now + timedelta(seconds=random.uniform(0, current_app.config["CONNECTOR_CHECK_INTERVAL"]))
+
+
+def record_verdict(
+    connector_id: uuid.UUID, sealed: bytes, verified: bool, error_code: str | None, message: str | None
+) -> None:
+    """A provider's verdict on the config that was used (a config replaced meanwhile has not been judged):
+    is_verified, the next re-check a whole interval away, and an event when is_verified changes. Part of the
+    caller's transaction."""
+    now = utcnow()
+    judged = Connector.id == connector_id, Connector.config_sealed == sealed
+    next_check = now + timedelta(seconds=current_app.config["CONNECTOR_CHECK_INTERVAL"])
+    db.session.execute(update(Connector).where(*judged).values(next_check_at=next_check))
+    changed = db.session.scalars(
+        update(Connector)
+        .where(*judged, Connector.is_verified != verified)
+        .values(is_verified=verified)
+        .returning(Connector.id)
+    ).first()
+    if changed is not None:
+        connector = db.session.get(Connector, connector_id)
+        if connector is not None:
+            kind = "connector.verified" if verified else "connector.unverified"
+            connector_event(kind, connector, error_code=None if verified else error_code, message=message)
+
+
 def create_connector(host_id: uuid.UUID, data: dict[str, Any]) -> Connector:
     ensure_host(host_id)
     connector = Connector(
-        id=uuid.uuid4(), host_id=host_id, type=data["type"], name=data["name"], priority=data["priority"]
+        id=uuid.uuid4(),
+        host_id=host_id,
+        type=data["type"],
+        name=data["name"],
+        priority=data["priority"],
+        next_check_at=first_check_at(utcnow()),
     )
     _seal(connector, data["config"])
     db.session.add(connector)
+    connector_event("connector.created", connector)
     try:
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
         raise _duplicate(data["type"], data["name"]) from None
+    announce()
     return connector
 
 
@@ -77,16 +116,21 @@ def update_connector(host_id: uuid.UUID, connector_id: uuid.UUID, data: dict[str
         except ValidationError as exc:
             raise InvalidError("Invalid config", errors={"json": {"config": exc.messages}}) from None
         _seal(connector, config)
-        connector.is_verified = False  # the old test result says nothing of the new settings
+        if connector.is_verified:  # the old verdict says nothing of the new settings
+            connector.is_verified = False
+            connector_event("connector.unverified", connector, message="the config was replaced")
+        connector.next_check_at = utcnow()  # check the new settings soon
     if "name" in data:
         connector.name = data["name"]
     if "priority" in data:
         connector.priority = data["priority"]
+    connector_event("connector.updated", connector)
     try:
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
         raise _duplicate(connector.type, data["name"]) from None
+    announce()
     return connector
 
 
@@ -107,8 +151,10 @@ def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
     db.session.execute(
         delete(DeliveryAttempt).where(DeliveryAttempt.connector_id == connector_id, DeliveryAttempt.kind != MESSAGE)
     )
+    connector_event("connector.deleted", connector)
     db.session.delete(connector)
     db.session.commit()
+    announce()
 
 
 def reseal_all(batch_size: int = 500) -> tuple[int, list[uuid.UUID]]:

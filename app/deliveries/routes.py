@@ -8,7 +8,13 @@ from flask_smorest import abort
 from app.auth import current_host_id, host_required
 from app.deliveries import service
 from app.deliveries.models import DeliveryAttempt
-from app.deliveries.schemas import AttemptListSchema, AttemptQuerySchema, SendTestResultSchema, SendTestSchema
+from app.deliveries.schemas import (
+    AttemptListSchema,
+    AttemptQuerySchema,
+    CheckResultSchema,
+    SendTestResultSchema,
+    SendTestSchema,
+)
 from app.errors import documents_errors
 from app.extensions import Blueprint, limiter
 
@@ -38,6 +44,31 @@ class ConnectorTest(MethodView):
         return {"success": True, "message": outcome.message, "delivery_time_ms": outcome.delivery_time_ms}
 
 
+@blp.route("/<uuid:connector_id>/verify")
+class ConnectorVerify(MethodView):
+    decorators = [host_required]
+
+    @limiter.limit("10 per hour")
+    @blp.response(200, CheckResultSchema)
+    @documents_errors(blp, 401, 404, 409, 429, 502, 503)
+    def post(self, connector_id: uuid.UUID) -> dict:
+        """Check the credentials and the sender without delivering a message to anyone"""
+        outcome = service.run_check(current_host_id(), connector_id)
+        if not outcome.success:
+            abort(
+                FAILURE_STATUS.get(outcome.error_code or "", 502),
+                message=outcome.message,
+                success=False,
+                error_code=outcome.error_code,
+            )
+        return {
+            "success": True,
+            "message": outcome.message,
+            "check_time_ms": outcome.delivery_time_ms,
+            "details": outcome.details or {},
+        }
+
+
 @blp.route("/<uuid:connector_id>/deliveries")
 class ConnectorDeliveries(MethodView):
     decorators = [host_required]
@@ -46,5 +77,5 @@ class ConnectorDeliveries(MethodView):
     @blp.response(200, AttemptListSchema)
     @documents_errors(blp, 401, 404, 503)
     def get(self, query: dict, connector_id: uuid.UUID) -> dict[str, list[DeliveryAttempt]]:
-        """The connector's test attempts, newest first"""
+        """The connector's tests, checks and dispatch attempts, newest first"""
         return {"deliveries": service.list_attempts(current_host_id(), connector_id, query["limit"])}

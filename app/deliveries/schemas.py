@@ -25,6 +25,18 @@ class SendTestResultSchema(Schema):
     delivery_time_ms = fields.Integer(required=True)
 
 
+class CheckResultSchema(Schema):
+    success = fields.Boolean(required=True)
+    message = fields.String(required=True)
+    check_time_ms = fields.Integer(required=True)
+    details = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "Public facts a Host would recognise: the bot's @username, the WhatsApp display "
+                  "number and verified name, the SMTP server's greeting host name"},
+    )  # fmt: skip
+
+
 class AttemptSchema(Schema):
     id = fields.UUID()
     kind = fields.String(

@@ -24,14 +24,15 @@ from celery.result import AsyncResult
 from celery.states import REVOKED
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.channels import channel
 from app.connectors.models import Connector
-from app.connectors.service import get_connector, open_config
-from app.deliveries.models import FAILED, PENDING, SENDING, SENT, TEST, TIMEOUT, UNKNOWN, DeliveryAttempt
+from app.connectors.service import first_check_at, get_connector, open_config, record_verdict
+from app.deliveries.models import CHECK, FAILED, PENDING, SENDING, SENT, TEST, TIMEOUT, UNKNOWN, DeliveryAttempt
 from app.errors import DATABASE_DOWN, IN_PROGRESS, BusyError, ConflictError, InvalidError, discard_session
+from app.events.service import announce
 from app.extensions import db
 from app.logs import request_id_var
 from app.outcomes import BROKER_UNAVAILABLE, PROVIDER_CAUSED, WORKER_ERROR, Outcome
@@ -41,6 +42,7 @@ from app.timeutil import utcnow
 log = logging.getLogger(__name__)
 
 SEND_TEST = "deliveries.send_test"
+CHECK_CONNECTOR = "deliveries.check"
 SUCCESS_MESSAGE = "Test message sent successfully"
 # How often the waiting web request also looks at the attempt row, in case the result never arrives.
 LOG_POLL_SECONDS = 1.0
@@ -91,27 +93,39 @@ def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) 
     connector = get_connector(host_id, connector_id)
     kind = channel(connector.type)
     destination = normalize_destination(connector.type, raw_destination)
-    db.session.rollback()  # nothing is held while the test runs
+    return _run(connector_id, kind.name, TEST, SEND_TEST, (destination,), kind.mask(destination))
+
+
+def run_check(host_id: uuid.UUID, connector_id: uuid.UUID) -> Outcome:
+    """Queue one credential check (nothing is delivered to anyone) and wait for its outcome."""
+    connector = get_connector(host_id, connector_id)
+    return _run(connector_id, connector.type, CHECK, CHECK_CONNECTOR, (), None)
+
+
+def _run(
+    connector_id: uuid.UUID, type_name: str, kind: str, task: str, args: tuple[str, ...], masked: str | None
+) -> Outcome:
+    db.session.rollback()  # nothing is held while the job runs
     timeout = current_app.config["TEST_DELIVERY_TIMEOUT"]
     with _wait_slot():
-        attempt_id = _open_attempt(connector_id, kind.name, TEST, kind.mask(destination), timeout)
-        # The worker must be done by this (wall-clock) deadline, so nothing is sent after the caller's 502:
-        # the expiry voids a job no worker took in time, and the worker cuts a send short at the deadline.
+        attempt_id = _open_attempt(connector_id, type_name, kind, masked, timeout)
+        # The worker must be done by this (wall-clock) deadline, so nothing runs after the caller's 502: the
+        # expiry voids a job no worker took in time, and the worker cuts a provider call short at the deadline.
         deadline = time.time() + timeout
         try:
             result = (
                 _celery()
                 .signature(
-                    SEND_TEST,
-                    args=(str(attempt_id), destination),
+                    task,
+                    args=(str(attempt_id), *args),
                     kwargs={"request_id": request_id_var.get(), "deadline": deadline},
-                    queue=kind.queue,
+                    queue=channel(type_name).queue,
                     expires=timeout,
                 )
-                .apply_async(argsrepr=repr([str(attempt_id), kind.mask(destination)]))  # logs show the mask
+                .apply_async(argsrepr=repr([str(attempt_id), masked]))  # logs show the mask
             )
         except Exception as exc:  # kombu raises several types when the broker is down
-            log.warning("could not queue test %s: %s", attempt_id, type(exc).__name__)
+            log.warning("could not queue %s %s: %s", kind, attempt_id, type(exc).__name__)
             outcome = Outcome(
                 False, "the delivery queue is unavailable; try again shortly", error_code=BROKER_UNAVAILABLE
             )
@@ -285,13 +299,58 @@ def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> 
         )
     )
     if job is not None and (outcome.success or outcome.error_code in PROVIDER_CAUSED):
-        # The verdict counts only for the config that was tested: a config replaced meanwhile has not been.
-        db.session.execute(
-            update(Connector)
-            .where(Connector.id == job.connector_id, Connector.config_sealed == job.sealed)
-            .values(is_verified=outcome.success)
-        )
+        record_verdict(job.connector_id, job.sealed, outcome.success, outcome.error_code, outcome.message)
     db.session.commit()
+    announce()
+
+
+def schedule_checks() -> list[tuple[uuid.UUID, str, str]]:
+    """The re-checks due now, as (attempt id, connector type, deadline) to queue: at most
+    CONNECTOR_CHECK_CONCURRENCY in flight, the oldest due first; connectors never scheduled get a random
+    moment within the interval."""
+    config = current_app.config
+    now = utcnow()
+    unscheduled = db.session.scalars(select(Connector).where(Connector.next_check_at.is_(None)).limit(1000)).all()
+    for connector in unscheduled:
+        connector.next_check_at = first_check_at(now)
+    in_flight = db.session.scalar(
+        select(func.count())
+        .select_from(DeliveryAttempt)
+        .where(DeliveryAttempt.kind == CHECK, DeliveryAttempt.status.in_([PENDING, SENDING]))
+    )
+    room = max(config["CONNECTOR_CHECK_CONCURRENCY"] - (in_flight or 0), 0)
+    busy = select(DeliveryAttempt.connector_id).where(
+        DeliveryAttempt.kind.in_([TEST, CHECK]), DeliveryAttempt.status.in_([PENDING, SENDING])
+    )
+    due = db.session.scalars(
+        select(Connector)
+        .where(Connector.next_check_at <= now, Connector.id.not_in(busy))
+        .order_by(Connector.next_check_at)
+        .limit(room)
+    ).all()
+    timeout = 2 * config["PROVIDER_TIMEOUT"]
+    # If the check fails for a reason of ours (no worker, no broker) nothing changes but this: a try again later.
+    retry = timedelta(seconds=min(config["CONNECTOR_CHECK_INTERVAL"], 900))
+    scheduled = []
+    for connector in due:
+        attempt = DeliveryAttempt(
+            id=uuid.uuid4(),
+            connector_id=connector.id,
+            connector_type=connector.type,
+            kind=CHECK,
+            status=PENDING,
+            created_at=now,
+            deadline_at=now + timedelta(seconds=timeout),
+        )
+        db.session.add(attempt)
+        connector.next_check_at = now + retry
+        scheduled.append((attempt.id, connector.type, time.time() + timeout))
+    try:
+        db.session.commit()
+    except IntegrityError:  # a Host started a test of one of them meanwhile: the next tick takes the rest
+        db.session.rollback()
+        return []
+    return scheduled
 
 
 def close_overdue(now: Any = None) -> int:

@@ -25,12 +25,13 @@ from app.auth.models import Host
 from app.channels import CHANNELS, channel
 from app.channels.base import OutgoingMessage
 from app.connectors.models import Connector
-from app.connectors.service import keyring, open_config
+from app.connectors.service import keyring, open_config, record_verdict
 from app.crypto import Sealed
 from app.deliveries.models import FAILED as ATTEMPT_FAILED
 from app.deliveries.models import MESSAGE, SENT, UNKNOWN, DeliveryAttempt
 from app.deliveries.models import SENDING as ATTEMPT_SENDING
 from app.errors import IDEMPOTENCY_KEY_REUSED, NO_ROUTE, NotFoundError, UnprocessableError
+from app.events.service import announce, emit
 from app.extensions import db
 from app.messages.models import (
     DELIVERED,
@@ -235,6 +236,16 @@ def _finish(message: Message, status: str, now: datetime, via: Connector | None 
         message.delivered_at = now
         message.delivered_via_connector_id, message.delivered_via_type = via.id, via.type
     log.info("message %s: %s", message.id, status, extra={"fields": {"message_id": str(message.id), "status": status}})
+    emit(
+        f"message.{status}",
+        message.host_id,
+        {
+            "host_id": message.host_id,
+            "message_id": message.id,
+            "status": status,
+            "delivered_via": message.delivered_via,
+        },
+    )
 
 
 def _backoff(finished_round: int) -> float:
@@ -266,12 +277,14 @@ def advance(message_id: uuid.UUID) -> SendStep | None:
     if now >= message.expires_at:
         _finish(message, EXPIRED, now)
         db.session.commit()
+        announce()
         return None
     out = {a.connector_id for a in attempts if a.status == UNKNOWN or a.error_code in OUT_FOR_GOOD}
     live = [connector for connector in _candidates(message.host_id, message.routes) if connector.id not in out]
     if not live:
         _finish(message, FAILED, now)
         db.session.commit()
+        announce()
         return None
     if message.due_at is not None and message.due_at > now and message.status in (RETRYING, SENDING):
         db.session.commit()  # waiting for the next round, or for a send job already queued
@@ -366,24 +379,23 @@ def finish_send(job: SendJob, outcome: Outcome, retry_after: float | None = None
         )
     )
     if outcome.success or outcome.error_code in PROVIDER_CAUSED:
-        db.session.execute(
-            update(Connector)
-            .where(Connector.id == job.connector_id, Connector.config_sealed == job.sealed)
-            .values(is_verified=outcome.success)
-        )
+        record_verdict(job.connector_id, job.sealed, outcome.success, outcome.error_code, outcome.message)
     message = _lock(job.message_id)
     if message is None:  # already final (expired meanwhile, or delivered through another channel)
         db.session.commit()
+        announce()
         return False
     if outcome.success:
         _finish(message, DELIVERED, now, via=db.session.get(Connector, job.connector_id))
         db.session.commit()
+        announce()
         return False
     message.due_at = now
     if retry_after:
         hint = now + timedelta(seconds=retry_after)
         message.not_before = max(message.not_before or hint, hint)
     db.session.commit()
+    announce()
     return True
 
 

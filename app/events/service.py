@@ -1,0 +1,137 @@
+"""The events outbox: written in the transaction of the change it reports, sent by the worker, polled by anyone.
+
+Receivers get each event at least once, in order, signed as the Standard Webhooks specification says; a retry
+carries the same `webhook-id`. Delivery retries with backoff (seconds at first, then growing) for a day.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select, update
+
+from app.events.models import Event
+from app.extensions import db
+from app.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+DELIVER_EVENTS = "events.deliver"
+GIVE_UP_AFTER = timedelta(days=1)
+MAX_BACKOFF_SECONDS = 3600.0
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def emit(type_: str, host_id: uuid.UUID, data: dict[str, Any]) -> None:
+    """Add an event to the caller's transaction: it is committed with the change, or not at all."""
+    db.session.add(
+        Event(type=type_, host_id=host_id, data=json.loads(json.dumps(data, default=str)), created_at=utcnow())
+    )
+
+
+def announce() -> None:
+    """After a commit that emitted events: have the worker send them now rather than at the next sweep."""
+    if current_app.config["EVENTS_WEBHOOK_URL"]:
+        from app.queues import nudge
+
+        nudge(DELIVER_EVENTS)
+
+
+def connector_event(type_: str, connector: Any, error_code: str | None = None, message: str | None = None) -> None:
+    emit(
+        type_,
+        connector.host_id,
+        {
+            "host_id": connector.host_id,
+            "connector_id": connector.id,
+            "connector_type": connector.type,
+            "error_code": error_code,
+            "message": message,
+        },
+    )
+
+
+def as_json(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "type": event.type,
+        "timestamp": event.created_at.strftime(TIMESTAMP_FORMAT),
+        "data": event.data,
+    }
+
+
+def list_events(after: int, limit: int) -> list[Event]:
+    query = select(Event).where(Event.id > after).order_by(Event.id).limit(limit)
+    return list(db.session.scalars(query))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    payload: str
+    created_at: datetime
+    tries: int
+
+
+def claim_next(lease_seconds: float) -> Claimed | None:
+    """The oldest undelivered event if it is due, taken for one try; None when there is none (or it waits).
+
+    Nothing later is sent while it waits: receivers see events in order. The claim is a compare-and-set on its
+    try count, so two workers never send one event at once, and a worker that dies mid-try only delays it.
+    """
+    now = utcnow()
+    head = db.session.scalar(
+        select(Event).where(Event.delivered_at.is_(None), Event.abandoned_at.is_(None)).order_by(Event.id).limit(1)
+    )
+    if head is None or (head.next_try_at is not None and head.next_try_at > now):
+        db.session.rollback()
+        return None
+    taken = db.session.execute(
+        update(Event)
+        .where(Event.id == head.id, Event.delivered_at.is_(None), Event.tries == head.tries)
+        .values(tries=head.tries + 1, next_try_at=now + timedelta(seconds=lease_seconds))
+    ).rowcount
+    if not taken:
+        db.session.rollback()
+        return None
+    claimed = Claimed(head.id, json.dumps(_body(head), separators=(",", ":")), head.created_at, head.tries + 1)
+    db.session.commit()
+    return claimed
+
+
+def _body(event: Event) -> dict[str, Any]:
+    return {"type": event.type, "timestamp": event.created_at.strftime(TIMESTAMP_FORMAT), "data": event.data}
+
+
+def record_try(event: Claimed, error: str | None) -> None:
+    """Delivered (error None), or retried after a backoff, or given up a day after the event."""
+    now = utcnow()
+    values: dict[str, Any]
+    if error is None:
+        values = {"delivered_at": now, "next_try_at": None, "last_error": None}
+    elif now - event.created_at >= GIVE_UP_AFTER:
+        values = {"abandoned_at": now, "next_try_at": None, "last_error": error}
+        log.error("event %s abandoned after %s tries: %s", event.id, event.tries, error)
+    else:
+        delay = min(MAX_BACKOFF_SECONDS, current_app.config["EVENTS_RETRY_BASE"] * 2 ** (event.tries - 1))
+        values = {"next_try_at": now + timedelta(seconds=delay), "last_error": error}
+        log.warning("event %s not delivered (%s); try %s again in %.1f s", event.id, error, event.tries + 1, delay)
+    db.session.execute(update(Event).where(Event.id == event.id).values(**values))
+    db.session.commit()
+
+
+def has_due() -> bool:
+    head = db.session.execute(
+        select(Event.id, Event.next_try_at)
+        .where(Event.delivered_at.is_(None), Event.abandoned_at.is_(None))
+        .order_by(Event.id)
+        .limit(1)
+    ).first()
+    db.session.rollback()
+    return head is not None and (head.next_try_at is None or head.next_try_at <= utcnow())
