@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import json
 import socket
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -155,3 +158,68 @@ def test_credentials_that_no_provider_could_carry_are_refused_at_save(client, ho
     response = client.post("/api/connectors", json=body, headers=host.headers)
     assert response.status_code == 400
     assert field in response.get_json()["errors"]["json"]["config"]
+
+
+@pytest.mark.parametrize("field", ["priority", "smtp_port"])
+def test_an_integer_too_long_for_python_to_read_is_400(client, host, field):
+    digits = "9" * 5000  # past Python's int-string limit (4,300 digits)
+    config = json.dumps(config_for("email"))
+    if field == "priority":
+        body = f'{{"type": "email", "name": "n", "priority": {digits}, "config": {config}}}'
+    else:
+        body = f'{{"type": "email", "name": "n", "config": {config.replace("587", digits)}}}'
+    response = client.post("/api/connectors", data=body, content_type="application/json", headers=host.headers)
+    assert response.status_code == 400 and response.is_json, response.data[:200]
+
+
+def test_a_chunked_body_over_the_limit_without_content_length_is_413(client, host):
+    body = io.BytesIO(b'{"name": "' + b"x" * (10 * 1024 * 1024) + b'"}')
+    response = client.post(
+        "/api/connectors",
+        input_stream=body,
+        content_type="application/json",
+        headers=host.headers,
+        environ_overrides={"wsgi.input_terminated": True},  # what gunicorn says of a chunked body
+    )
+    assert response.status_code == 413 and response.is_json
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Name\u200b", "Na\u00adme", "right\u202eleft", "line\u2028sep", "para\u2029sep", "bom\ufeff", "joiner\u2060"],
+)
+def test_invisible_and_layout_characters_in_names_are_400(client, host, name):
+    response = client.post(
+        "/api/connectors", json={"type": "email", "name": name, "config": config_for("email")}, headers=host.headers
+    )
+    assert response.status_code == 400
+    assert response.get_json()["errors"]["json"]["name"] == [
+        "Must not contain control, format or line-separator characters."
+    ]
+
+
+def test_names_are_stored_in_nfc_so_lookalikes_collide_and_case_still_counts(client, host):
+    composed = create_connector(client, host, "email", "Caf\u00e9")
+    assert composed["name"] == "Caf\u00e9"
+    decomposed = client.post(
+        "/api/connectors",
+        json={"type": "email", "name": "Cafe\u0301", "config": config_for("email")},
+        headers=host.headers,
+    )
+    assert decomposed.status_code == 409
+    assert create_connector(client, host, "email", "CAF\u00c9")["name"] == "CAF\u00c9"  # case-sensitive
+
+
+def test_a_hosts_limit_is_one_whatever_the_spelling_of_its_uuid(client):
+    from tests.conftest import make_token
+
+    host = uuid.uuid4()
+    spellings = [str(host), str(host).upper(), "{" + str(host) + "}", host.hex, "urn:uuid:" + str(host)]
+    statuses = []
+    for index in range(11):
+        token = make_token(spellings[index % len(spellings)])
+        body = {"type": "telegram", "name": f"t{index}", "config": config_for("telegram")}
+        statuses.append(
+            client.post("/api/connectors", json=body, headers={"Authorization": f"Bearer {token}"}).status_code
+        )
+    assert statuses == [201] * 10 + [429]
