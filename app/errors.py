@@ -15,6 +15,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from app.extensions import db
 from app.outcomes import ERROR_CODES
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,6 @@ def handle_service_error(error: ServiceError) -> Response:
 
 def discard_session() -> None:
     """Drop the request's database session after the database failed under it; never raises."""
-    from app.extensions import db
-
     try:
         db.session.remove()
     except Exception as exc:  # the rollback on a dead connection fails too; the pool replaces it

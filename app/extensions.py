@@ -18,8 +18,6 @@ from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 from webargs.flaskparser import FlaskParser, is_json_request
 
-from app.errors import ErrorEnvelopeSchema
-
 
 class Base(DeclarativeBase):
     # Named constraints keep Alembic migrations identical on SQLite and PostgreSQL.
@@ -84,10 +82,6 @@ class SpecPlugin(MarshmallowPlugin):
     Converter = OneOfConverter
 
 
-class ConnectorsApi(Api):
-    ERROR_SCHEMA = ErrorEnvelopeSchema  # every documented error, flask-smorest's own 400 and default too
-
-
 def rate_limit_key() -> str:
     """Limits count per Host, by its canonical uuid; a request without a valid token counts by address."""
     host_id = g.get("host_id")  # set by the view's auth check, which runs first
@@ -97,7 +91,7 @@ def rate_limit_key() -> str:
 # An object a request has committed is answered from memory: reading it back would need the database once
 # more, and a failure then would turn a committed success into an error.
 db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
-api = ConnectorsApi(spec_kwargs={"marshmallow_plugin": SpecPlugin()})
+api = Api(spec_kwargs={"marshmallow_plugin": SpecPlugin()})
 jwt = JWTManager()
 limiter = Limiter(key_func=rate_limit_key)
 

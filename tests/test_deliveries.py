@@ -378,7 +378,7 @@ def _stored_results(app) -> str:
 
 
 def test_an_attempt_is_claimed_once(app, client, host):
-    from app.deliveries.models import DeliveryAttempt
+    from app.attempts import DeliveryAttempt
     from app.deliveries.service import claim_attempt
     from app.extensions import db
 

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import TEST_DATABASE_URL, _start_worker_subprocess, create_connector, new_host
 from tests.peers import SLOW_SECONDS
+from tests.support import attempt_statuses as _attempt_statuses
 from tests.support import closed_port, send_test, sibling_app
+from tests.support import start_redis as _start_redis
+from tests.support import wait_for_worker as _wait_for_worker
 
 
 @pytest.mark.usefixtures("worker")
@@ -166,7 +166,7 @@ def test_database_connections_dropped_under_the_service_are_replaced_without_err
 @pytest.mark.usefixtures("worker")
 def test_a_job_reaching_a_worker_after_the_callers_deadline_is_not_sent(app, client, host, peers):
     connector = create_connector(client, host, "email", peers=peers)
-    from app.deliveries.models import DeliveryAttempt
+    from app.attempts import DeliveryAttempt
     from app.extensions import db
 
     attempt_id = uuid.uuid4()
@@ -183,46 +183,3 @@ def test_a_job_reaching_a_worker_after_the_callers_deadline_is_not_sent(app, cli
     assert outcome["success"] is False and outcome["error_code"] == "timeout"
     time.sleep(0.3)
     assert peers.smtp.received == []
-
-
-# --- helpers ------------------------------------------------------------------------------------------------------
-
-
-def _wait_for_worker(flask_app, process: subprocess.Popen, log_path: Path) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + 60
-    while not flask_app.extensions["celery"].control.ping(timeout=0.5):
-        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-
-
-def _attempt_statuses(http, host, connector_id: str) -> list[str]:  # noqa: ANN001
-    answer = http.get(f"/api/connectors/{connector_id}/deliveries", headers=host.headers).get_json()
-    return [attempt["status"] for attempt in answer["deliveries"]]
-
-
-def _start_redis(port: int, folder: Path) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("redis-server did not start")

@@ -12,12 +12,12 @@ from marshmallow import ValidationError
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from app.attempts import MESSAGE, DeliveryAttempt
 from app.auth.models import Host
 from app.auth.service import ensure_host, lock_host
 from app.channels import load_config
 from app.connectors.models import Connector
 from app.crypto import Keyring, Sealed, SealError
-from app.deliveries.models import MESSAGE, DeliveryAttempt
 from app.errors import ConflictError, InvalidError, NotFoundError
 from app.events.service import announce, connector_event
 from app.extensions import db

@@ -5,9 +5,9 @@ import uuid
 from flask.views import MethodView
 from flask_smorest import abort
 
+from app.attempts import DeliveryAttempt
 from app.auth import current_host_id, host_required
 from app.deliveries import service
-from app.deliveries.models import DeliveryAttempt
 from app.deliveries.schemas import (
     AttemptListSchema,
     AttemptQuerySchema,
@@ -17,10 +17,23 @@ from app.deliveries.schemas import (
 )
 from app.errors import documents_errors
 from app.extensions import Blueprint, limiter
+from app.outcomes import Outcome
 
 blp = Blueprint("deliveries", __name__, url_prefix="/api/connectors", description="Test deliveries")
 
 FAILURE_STATUS = {"broker_unavailable": 503}
+
+
+def succeeded(outcome: Outcome) -> Outcome:
+    """The outcome of a success; a failure answers 502 (503 when the job could not be queued) with its code."""
+    if not outcome.success:
+        abort(
+            FAILURE_STATUS.get(outcome.error_code or "", 502),
+            message=outcome.message,
+            success=False,
+            error_code=outcome.error_code,
+        )
+    return outcome
 
 
 @blp.route("/<uuid:connector_id>/test")
@@ -33,14 +46,7 @@ class ConnectorTest(MethodView):
     @documents_errors(blp, 401, 404, 409, 413, 429, 502, 503)
     def post(self, data: dict, connector_id: uuid.UUID) -> dict:
         """Send a test message through the connector and report how long the provider took"""
-        outcome = service.run_test(current_host_id(), connector_id, data["test_destination"])
-        if not outcome.success:
-            abort(
-                FAILURE_STATUS.get(outcome.error_code or "", 502),
-                message=outcome.message,
-                success=False,
-                error_code=outcome.error_code,
-            )
+        outcome = succeeded(service.run_test(current_host_id(), connector_id, data["test_destination"]))
         return {"success": True, "message": outcome.message, "delivery_time_ms": outcome.delivery_time_ms}
 
 
@@ -53,14 +59,7 @@ class ConnectorVerify(MethodView):
     @documents_errors(blp, 401, 404, 409, 429, 502, 503)
     def post(self, connector_id: uuid.UUID) -> dict:
         """Check the credentials and the sender without delivering a message to anyone"""
-        outcome = service.run_check(current_host_id(), connector_id)
-        if not outcome.success:
-            abort(
-                FAILURE_STATUS.get(outcome.error_code or "", 502),
-                message=outcome.message,
-                success=False,
-                error_code=outcome.error_code,
-            )
+        outcome = succeeded(service.run_check(current_host_id(), connector_id))
         return {
             "success": True,
             "message": outcome.message,

@@ -27,10 +27,10 @@ from marshmallow import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from app.attempts import CHECK, FAILED, PENDING, SENDING, SENT, TEST, TIMEOUT, UNKNOWN, DeliveryAttempt
 from app.channels import channel
 from app.connectors.models import Connector
 from app.connectors.service import first_check_at, get_connector, open_config, record_verdict
-from app.deliveries.models import CHECK, FAILED, PENDING, SENDING, SENT, TEST, TIMEOUT, UNKNOWN, DeliveryAttempt
 from app.errors import DATABASE_DOWN, IN_PROGRESS, BusyError, ConflictError, InvalidError, discard_session
 from app.events.service import announce
 from app.extensions import db

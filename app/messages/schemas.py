@@ -6,9 +6,9 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from app.attempts import STATUSES as ATTEMPT_STATUSES
 from app.channels import TYPE_NAMES
 from app.channels.telegram import chat_id
-from app.deliveries.models import STATUSES as ATTEMPT_STATUSES
 from app.fields import E164, PRINTABLE_ASCII, EmailAddress, FullMatch, StrictInteger, UtcTimestamp
 from app.messages.models import PURPOSES, STATUSES
 

@@ -21,15 +21,15 @@ from flask import current_app
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from app.attempts import FAILED as ATTEMPT_FAILED
+from app.attempts import MESSAGE, SENT, UNKNOWN, DeliveryAttempt
+from app.attempts import SENDING as ATTEMPT_SENDING
 from app.auth.models import Host
 from app.channels import CHANNELS, channel
 from app.channels.base import OutgoingMessage
 from app.connectors.models import Connector
 from app.connectors.service import keyring, open_config, record_verdict
 from app.crypto import Sealed
-from app.deliveries.models import FAILED as ATTEMPT_FAILED
-from app.deliveries.models import MESSAGE, SENT, UNKNOWN, DeliveryAttempt
-from app.deliveries.models import SENDING as ATTEMPT_SENDING
 from app.errors import IDEMPOTENCY_KEY_REUSED, NO_ROUTE, NotFoundError, UnprocessableError
 from app.events.service import announce, emit
 from app.extensions import db

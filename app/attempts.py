@@ -1,3 +1,5 @@
+"""The attempt log: every test, check and dispatch attempt, shared by connectors, deliveries and messages."""
+
 from __future__ import annotations
 
 import uuid
