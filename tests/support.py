@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -55,3 +57,46 @@ def db_id(app: Flask, connector_id: str) -> object:
     # SQLAlchemy's Uuid is a native uuid on PostgreSQL and 32 hex characters on SQLite.
     value = uuid.UUID(connector_id)
     return value if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql") else value.hex
+
+
+def start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A redis-server of the test's own on `port`, without persistence; returns once it accepts connections."""
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def wait_for_worker(flask_app: Flask, process: subprocess.Popen, log_path: Path, seconds: float = 60) -> None:
+    """Return once a worker answers a ping on `flask_app`'s broker; fail with the log tail if it died first."""
+    deadline = time.monotonic() + seconds
+    while not flask_app.extensions["celery"].control.ping(timeout=0.5):
+        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+
+
+def attempt_statuses(http: FlaskClient, host: Host, connector_id: str) -> list[str]:
+    """The statuses of the connector's attempt log, newest first, read through the API."""
+    answer = http.get(f"/api/connectors/{connector_id}/deliveries", headers=host.headers).get_json()
+    return [attempt["status"] for attempt in answer["deliveries"]]
