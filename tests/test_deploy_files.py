@@ -134,6 +134,11 @@ def test_worker_consumes_every_queue_the_app_declares():
     assert sorted(queue_names()) == sorted([*TYPE_NAMES, DISPATCH_QUEUE])
 
 
+def test_each_queue_has_its_own_exchange(app):
+    queues = app.extensions["celery"].conf.task_queues
+    assert {queue.name: queue.exchange.name for queue in queues} == {queue.name: queue.name for queue in queues}
+
+
 def test_beat_runs_the_periodic_work():
     assert shlex.split(procfile()["beat"])[:4] == ["celery", "-A", "celery_app", "beat"]
 

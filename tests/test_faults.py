@@ -183,3 +183,8 @@ def test_a_job_reaching_a_worker_after_the_callers_deadline_is_not_sent(app, cli
     assert outcome["success"] is False and outcome["error_code"] == "timeout"
     time.sleep(0.3)
     assert peers.smtp.received == []
+    # Its attempt is closed, not left pending for ever.
+    [attempt] = client.get(f"/api/connectors/{connector['id']}/deliveries", headers=host.headers).get_json()[
+        "deliveries"
+    ]
+    assert (attempt["status"], attempt["error_code"]) == ("timeout", "timeout")
