@@ -37,6 +37,7 @@ from app.extensions import db
 from app.logs import request_id_var
 from app.outcomes import BROKER_UNAVAILABLE, PROVIDER_CAUSED, WORKER_ERROR, Outcome
 from app.outcomes import TIMEOUT as TIMEOUT_CODE
+from app.outcomes import UNKNOWN as UNKNOWN_CODE
 from app.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ def close_overdue(now: Any = None) -> int:
     count = 0
     for status, closed_as, code, text in (
         (PENDING, TIMEOUT, TIMEOUT_CODE, "no worker started the test before its deadline"),
-        (SENDING, UNKNOWN, TIMEOUT_CODE, "the worker stopped during the provider call; it may have been sent"),
+        (SENDING, UNKNOWN, UNKNOWN_CODE, "the worker stopped during the provider call; it may have gone through"),
     ):
         count += db.session.execute(
             update(DeliveryAttempt)

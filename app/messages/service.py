@@ -215,16 +215,13 @@ class SendJob:
 
 def _lock(message_id: uuid.UUID, *conditions: Any) -> Message | None:
     """The unfinished message, with its row locked until commit (a write takes the row lock on PostgreSQL and
-    the write lock on SQLite alike), or None."""
+    the write lock on SQLite alike), or None (the caller ends its transaction)."""
     locked = db.session.execute(
         update(Message)
         .where(Message.id == message_id, Message.status.in_(IN_FLIGHT), *conditions)
         .values(updated_at=utcnow())
     ).rowcount
-    if not locked:
-        db.session.rollback()
-        return None
-    return db.session.get(Message, message_id, populate_existing=True)
+    return db.session.get(Message, message_id, populate_existing=True) if locked else None
 
 
 def _finish(message: Message, status: str, now: datetime, via: Connector | None = None) -> None:
@@ -260,6 +257,7 @@ def advance(message_id: uuid.UUID) -> SendStep | None:
     """Decide what the message does next; the send to make, if any (its job is the caller's to queue)."""
     message = _lock(message_id)
     if message is None:
+        db.session.rollback()
         return None
     now = utcnow()
     attempts = attempts_of(message_id)
@@ -314,6 +312,7 @@ def claim_send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> S
     """Record the attempt before the provider call; None when this send is no longer to be made."""
     message = _lock(message_id, Message.status == SENDING, Message.round == round_)
     if message is None:
+        db.session.rollback()
         return None
     now = utcnow()
     connector = db.session.get(Connector, connector_id)
@@ -367,6 +366,7 @@ def claim_send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> S
 def finish_send(job: SendJob, outcome: Outcome, retry_after: float | None = None) -> bool:
     """Record the outcome; True when the message still needs a next step."""
     now = utcnow()
+    message = _lock(job.message_id)  # first, as advance does: the same lock order everywhere
     db.session.execute(
         update(DeliveryAttempt)
         .where(DeliveryAttempt.id == job.attempt_id, DeliveryAttempt.status.in_([ATTEMPT_SENDING, UNKNOWN]))
@@ -380,7 +380,6 @@ def finish_send(job: SendJob, outcome: Outcome, retry_after: float | None = None
     )
     if outcome.success or outcome.error_code in PROVIDER_CAUSED:
         record_verdict(job.connector_id, job.sealed, outcome.success, outcome.error_code, outcome.message)
-    message = _lock(job.message_id)
     if message is None:  # already final (expired meanwhile, or delivered through another channel)
         db.session.commit()
         announce()
