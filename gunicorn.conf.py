@@ -4,16 +4,27 @@ Every value can still be overridden on the command line; the Procfile gives none
 """
 
 import os
+import sys
 
 from app.boot import check_or_exit
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '5000')}"
+
+def _whole(name: str, default: int, high: int) -> int:
+    """A setting of gunicorn's, or one line naming it and exit 1, as the app's own settings do."""
+    raw = os.environ.get(name) or str(default)
+    if not raw.isdigit() or not 1 <= int(raw) <= high:
+        print(f"connectors: {name} must be a whole number from 1 to {high}, not {raw!r}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return int(raw)
+
+
+bind = f"0.0.0.0:{_whole('PORT', 5000, 65535)}"
 # Threads: a test request waits on the worker without doing anything; gevent would patch the database,
 # Redis and TLS libraries under us (BENCHMARKS.md has the numbers).
 worker_class = "gthread"
 # The embedded default counts rate limits in process memory: one process, so the limits hold as written.
-workers = int(os.environ.get("WEB_CONCURRENCY") or (2 if os.environ.get("REDIS_URL") else 1))
-threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+workers = _whole("WEB_CONCURRENCY", 2 if os.environ.get("REDIS_URL") else 1, 1024)
+threads = _whole("GUNICORN_THREADS", 16, 1024)
 timeout = 60
 graceful_timeout = 30
 control_socket_disable = True

@@ -73,7 +73,8 @@ def database_url(raw: str | None, instance_path: Path) -> str:
         raw = "postgresql+psycopg://" + raw[len("postgresql://") :]
     try:
         url = make_url(raw)
-    except ArgumentError:
+        url.port  # noqa: B018 - a port that is not a number fails here, not at the first connection
+    except (ArgumentError, ValueError):
         raise ConfigError(
             "DATABASE_URL is not a database URL (expected postgresql://user:password@host:port/name)"
         ) from None
@@ -204,6 +205,7 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
         "EVENTS_WEBHOOK_URL": webhook_url,
         "EVENTS_WEBHOOK_SECRET": webhook_secret,
         "EVENTS_RETRY_BASE": _number(env, "EVENTS_RETRY_BASE", 1.0, 0.1, 3600.0),
+        "EVENTS_RETENTION": _number(env, "EVENTS_RETENTION", 30 * 86400.0, 86400.0, 3650 * 86400.0),
         "DISPATCH_RETRY_BASE": _number(env, "DISPATCH_RETRY_BASE", 30.0, 0.1, 3600.0),
         "DISPATCH_RETRY_MAX": _number(env, "DISPATCH_RETRY_MAX", 3600.0, 0.1, 86400.0),
         "TWILIO_API_BASE_URL": env.get("TWILIO_API_BASE_URL", "https://api.twilio.com").rstrip("/"),

@@ -8,6 +8,8 @@ line written while a job holds secrets, passes through `scrub`.
 from __future__ import annotations
 
 import base64
+import html
+import json
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -46,6 +48,8 @@ def _base64_cores(raw: bytes) -> Iterator[str]:
 def forms(secret: str) -> set[str]:
     """Every form of `secret` to look for: as is, URL-encoded, and base64 at every alignment."""
     found = {secret, quote(secret, safe=""), quote(secret), quote_plus(secret)}
+    # As quoted inside JSON or HTML by a provider that echoes its request.
+    found.update({json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1], html.escape(secret)})
     found.update(_base64_cores(secret.encode()))
     return {form for form in found if form}
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Task, shared_task
+from celery.exceptions import Ignore
 from flask import current_app
 
 from app.channels import channel
@@ -21,7 +23,7 @@ from app.logs import request_id_var
 from app.messages import service as messages
 from app.outcomes import TIMEOUT, WORKER_ERROR, Outcome
 from app.queues import CHECK_SCHEDULE, SWEEP, nudge
-from app.redact import scrub, secrets_in_scope
+from app.redact import forms, scrub, secrets_in_scope
 from app.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,15 @@ def with_database_retry(what: str, call: Callable[[], T], seconds: float = RECOR
             pause = min(pause * 2, 5.0)
 
 
-def failure_message(error: DeliveryError, secrets: list[str]) -> str:
-    """The provider's words without any secret; ours alone when a secret is too short to cut out."""
+def failure_message(error: DeliveryError, secrets: list[str], destination: str | None = None, mask: str = "") -> str:
+    """The provider's words without any secret, and with the recipient's address masked (an SMTP 550 or a Twilio
+    21211 quotes it); ours alone when a secret is too short to cut out."""
     scrubbed = scrub(error.message, secrets)
     if scrubbed is None:
         return f"the provider refused the request ({error.code}); its answer is withheld"
+    if destination:
+        for form in sorted({destination, destination.lstrip("+"), *forms(destination)}, key=len, reverse=True):
+            scrubbed = re.sub(re.escape(form), mask, scrubbed, flags=re.IGNORECASE)
     return scrubbed[:MESSAGE_LIMIT]  # scrubbed before cut: a cut secret would no longer be recognised
 
 
@@ -86,7 +92,7 @@ def send_test(
         provider.send(config, destination, TEST_MESSAGE)
         return Outcome(True, deliveries.SUCCESS_MESSAGE, delivery_time_ms=deliveries.elapsed_ms(started))
 
-    return _probe(task, "test", attempt_id, send, request_id, deadline)
+    return _probe(task, "test", attempt_id, send, request_id, deadline, destination)
 
 
 @shared_task(name=deliveries.CHECK_CONNECTOR, bind=True)
@@ -110,6 +116,7 @@ def _probe(
     action: Callable[[Provider, dict[str, Any]], Outcome],
     request_id: str | None,
     deadline: float | None,
+    destination: str | None = None,
 ) -> dict[str, Any]:
     """Claim the attempt, run `action` against the provider within the caller's deadline, record the outcome."""
     request_id_var.set(request_id)  # the web request's id, in every line this task logs
@@ -133,17 +140,20 @@ def _probe(
         _log_task(task, what, attempt_id, None, "worker_error", started_task)
         return outcome.as_dict()
     if job is None:
-        outcome = Outcome(False, f"this {what} was already started or closed; it is not run twice", error_code=TIMEOUT)
+        # A copy of a job already claimed (put back after a dropped broker connection) or closed: the claimant
+        # answers; a result from this copy would reach the waiting request first, as a failure.
         _log_task(task, what, attempt_id, None, "skipped", started_task)
-        return outcome.as_dict()
+        raise Ignore()
 
-    provider = channel(job.connector_type).provider(provider_settings(budget))
+    kind = channel(job.connector_type)
+    provider = kind.provider(provider_settings(budget))
     secrets = provider.secrets(job.config)
+    masked = kind.mask(destination) if destination else ""
     with secrets_in_scope(secrets):
         try:
             outcome = action(provider, job.config)
         except DeliveryError as exc:
-            outcome = Outcome(False, failure_message(exc, secrets), error_code=exc.code)
+            outcome = Outcome(False, failure_message(exc, secrets, destination, masked), error_code=exc.code)
         except Exception as exc:  # a bug or a library surprise: its text may hold secrets, the log scrubs them
             log.exception("%s %s failed unexpectedly: %s", what, attempt_id, type(exc).__name__)
             outcome = Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
@@ -184,10 +194,14 @@ def _log_task(
     )
 
 
+class _Expired(Exception):
+    """The message's life ran out between the claim and the provider call."""
+
+
 # --- dispatch ------------------------------------------------------------------------------------------------
 
 
-@shared_task(name=messages.ADVANCE_MESSAGE)
+@shared_task(name=messages.ADVANCE_MESSAGE, ignore_result=True)
 def advance_message(message_id: str) -> None:
     """Decide a message's next step and queue its send on the connector type's queue."""
     step = with_database_retry("advance", lambda: messages.advance(uuid.UUID(message_id)))
@@ -197,7 +211,7 @@ def advance_message(message_id: str) -> None:
         )
 
 
-@shared_task(name=messages.SEND_MESSAGE)
+@shared_task(name=messages.SEND_MESSAGE, ignore_result=True)
 def send_message(message_id: str, connector_id: str, round_: int) -> None:
     """One provider call for one message through one connector, claimed in the database first."""
     message_uuid = uuid.UUID(message_id)
@@ -252,7 +266,7 @@ def sweep() -> dict[str, int]:
         nudge(messages.ADVANCE_MESSAGE, str(message_id))
     if current_app.config["EVENTS_WEBHOOK_URL"] and events.has_due():
         nudge(events.DELIVER_EVENTS)
-    return {"attempts_closed": closed, "messages_advanced": len(due)}
+    return {"attempts_closed": closed, "messages_advanced": len(due), "events_pruned": events.prune()}
 
 
 @shared_task(name=CHECK_SCHEDULE)
@@ -270,7 +284,7 @@ def schedule_checks() -> int:
     return len(scheduled)
 
 
-@shared_task(name=events.DELIVER_EVENTS)
+@shared_task(name=events.DELIVER_EVENTS, ignore_result=True)
 def deliver_events() -> int:
     """Send the outbox to EVENTS_WEBHOOK_URL, oldest first; stops at the first failure (order is kept)."""
     config = current_app.config

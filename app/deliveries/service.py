@@ -31,7 +31,15 @@ from app.attempts import CHECK, FAILED, PENDING, SENDING, SENT, TEST, TIMEOUT, U
 from app.channels import channel
 from app.connectors.models import Connector
 from app.connectors.service import first_check_at, get_connector, open_config, record_verdict
-from app.errors import DATABASE_DOWN, IN_PROGRESS, BusyError, ConflictError, InvalidError, discard_session
+from app.errors import (
+    DATABASE_DOWN,
+    IN_PROGRESS,
+    BusyError,
+    ConflictError,
+    InvalidError,
+    NotFoundError,
+    discard_session,
+)
 from app.events.service import announce
 from app.extensions import db
 from app.logs import request_id_var
@@ -152,6 +160,8 @@ def _open_attempt(
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
+        if db.session.get(Connector, connector_id) is None:  # deleted meanwhile
+            raise NotFoundError("Connector not found") from None
         raise ConflictError(
             "A test or check of this connector is already in progress; wait for its answer", error_code=IN_PROGRESS
         ) from None
@@ -230,7 +240,7 @@ def _logged_outcome(attempt_id: uuid.UUID) -> Outcome | None:
     if attempt is None or attempt.status not in (SENT, FAILED):
         return None
     if attempt.status == SENT:
-        return Outcome(True, SUCCESS_MESSAGE, delivery_time_ms=attempt.delivery_time_ms)
+        return Outcome(True, attempt.message or SUCCESS_MESSAGE, delivery_time_ms=attempt.delivery_time_ms)
     return Outcome(False, attempt.message or "the delivery failed", error_code=attempt.error_code or WORKER_ERROR)
 
 
@@ -321,7 +331,9 @@ def schedule_checks() -> list[tuple[uuid.UUID, str, str]]:
     )
     room = max(config["CONNECTOR_CHECK_CONCURRENCY"] - (in_flight or 0), 0)
     busy = select(DeliveryAttempt.connector_id).where(
-        DeliveryAttempt.kind.in_([TEST, CHECK]), DeliveryAttempt.status.in_([PENDING, SENDING])
+        DeliveryAttempt.kind.in_([TEST, CHECK]),
+        DeliveryAttempt.status.in_([PENDING, SENDING]),
+        DeliveryAttempt.connector_id.is_not(None),  # NOT IN a set holding NULL matches nothing
     )
     due = db.session.scalars(
         select(Connector)

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, text, update
 
 from app.events.models import Event
 from app.extensions import db
@@ -28,16 +28,23 @@ MAX_BACKOFF_SECONDS = 3600.0
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
+# Event ids are given at insert but become visible at commit: writers take turns (a transaction-scoped lock on
+# PostgreSQL; SQLite has one writer anyway), so ids become visible in order and a poller never skips one.
+EVENTS_LOCK = 0x62617062  # any constant of our own
+
+
 def emit(type_: str, host_id: uuid.UUID, data: dict[str, Any]) -> None:
     """Add an event to the caller's transaction: it is committed with the change, or not at all."""
-    db.session.add(
-        Event(type=type_, host_id=host_id, data=json.loads(json.dumps(data, default=str)), created_at=utcnow())
-    )
+    if db.session.get_bind().dialect.name == "postgresql":
+        db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENTS_LOCK})
+    data = json.loads(json.dumps(data, default=str))
+    db.session.add(Event(type=type_, host_id=host_id, data=data, created_at=utcnow()))
+    db.session.info["events_written"] = True
 
 
 def announce() -> None:
     """After a commit that emitted events: have the worker send them now rather than at the next sweep."""
-    if current_app.config["EVENTS_WEBHOOK_URL"]:
+    if db.session.info.pop("events_written", False) and current_app.config["EVENTS_WEBHOOK_URL"]:
         from app.queues import nudge
 
         nudge(DELIVER_EVENTS)
@@ -92,6 +99,10 @@ def claim_next(lease_seconds: float) -> Claimed | None:
     if head is None or (head.next_try_at is not None and head.next_try_at > now):
         db.session.rollback()
         return None
+    if now - head.created_at >= GIVE_UP_AFTER:  # e.g. written while no webhook was set: polled, not posted
+        db.session.execute(update(Event).where(Event.id == head.id).values(abandoned_at=now, next_try_at=None))
+        db.session.commit()
+        return claim_next(lease_seconds)
     taken = db.session.execute(
         update(Event)
         .where(Event.id == head.id, Event.delivered_at.is_(None), Event.tries == head.tries)
@@ -124,6 +135,14 @@ def record_try(event: Claimed, error: str | None) -> None:
         log.warning("event %s not delivered (%s); try %s again in %.1f s", event.id, error, event.tries + 1, delay)
     db.session.execute(update(Event).where(Event.id == event.id).values(**values))
     db.session.commit()
+
+
+def prune() -> int:
+    """Forget events older than EVENTS_RETENTION: pollers and receivers have had them (or gave up)."""
+    cutoff = utcnow() - timedelta(seconds=current_app.config["EVENTS_RETENTION"])
+    removed = db.session.execute(delete(Event).where(Event.created_at < cutoff)).rowcount
+    db.session.commit()
+    return removed
 
 
 def has_due() -> bool:
