@@ -258,3 +258,14 @@ def test_the_text_is_found_nowhere_but_the_peers_inbox(app, client, host, peers,
     assert all("None" in row for row in rows if row.startswith("(") and "delivered" in row)
     ours = [record.getMessage() for record in caplog.records if not record.name.startswith("mail.")]  # not the peer's
     assert ours and not any("99173355" in line for line in ours)
+
+
+def test_a_providers_words_quoting_the_recipient_are_masked(app, client, host, peers):
+    create_connector(client, host, "sms", peers=peers)
+    peers.twilio.mode = "reject"  # "The 'To' number +14155552671 is not a valid phone number."
+    final = wait_final(app, client, dispatch(client, host.id, channels=["sms"]).get_json()["id"])
+    [attempt] = final["attempts"]
+    assert attempt["error_code"] == "destination_rejected"
+    assert "+14*******71" in attempt["message"] and "4155552671" not in json.dumps(final)
+    events = client.get("/api/internal/events", headers=service_headers()).get_json()["events"]
+    assert "4155552671" not in json.dumps(events)

@@ -219,18 +219,24 @@ def send_message(message_id: str, connector_id: str, round_: int) -> None:
     if job is None:  # no longer to be made (already made, expired, connector gone): let advance decide
         nudge(messages.ADVANCE_MESSAGE, message_id)
         return
-    left = (job.expires_at - utcnow()).total_seconds()  # nothing is sent after expires_at
-    provider = channel(job.connector_type).provider(
-        provider_settings(min(current_app.config["PROVIDER_TIMEOUT"], left))
-    )
-    secrets = provider.secrets(job.config)
+    kind = channel(job.connector_type)
+    secrets = kind.provider(provider_settings(0)).secrets(job.config)
     retry_after = None
     with secrets_in_scope(secrets):
         started = time.perf_counter()
+        left = (job.expires_at - utcnow()).total_seconds()  # nothing is sent after expires_at: checked right now
         try:
+            if left < MIN_SEND_SECONDS:
+                raise _Expired
+            provider = kind.provider(provider_settings(min(current_app.config["PROVIDER_TIMEOUT"], left)))
             provider.send(job.config, job.destination, job.message)
+        except _Expired:
+            outcome = Outcome(
+                False, "the message expired before the provider call; it was not sent", error_code=TIMEOUT
+            )
         except DeliveryError as exc:
-            outcome = Outcome(False, failure_message(exc, secrets), error_code=exc.code)
+            masked = kind.mask(job.destination)
+            outcome = Outcome(False, failure_message(exc, secrets, job.destination, masked), error_code=exc.code)
             retry_after = exc.retry_after
         except Exception as exc:  # a bug or a library surprise: its text may hold secrets, the log scrubs them
             log.exception("message %s failed unexpectedly: %s", message_id, type(exc).__name__)
