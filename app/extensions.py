@@ -17,6 +17,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
 from webargs.flaskparser import FlaskParser, is_json_request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 
 class Base(DeclarativeBase):
@@ -41,8 +42,17 @@ class BadRequestParser(FlaskParser):
         # webargs would treat a non-JSON body as absent and report missing fields; say what is wrong.
         if not is_json_request(req):
             abort(400, message="Content-Type must be application/json")
-        # Read the body first: a chunked body has no Content-Length, and over the limit is a 413, not bad JSON.
-        req.get_data(cache=True)
+        # Read the body first: a chunked body has no Content-Length, and werkzeug stops reading it at
+        # MAX_CONTENT_LENGTH without a word; more left to read is a 413, not bad JSON.
+        data = req.get_data(cache=True)
+        limit = req.max_content_length
+        if (
+            req.content_length is None
+            and limit is not None
+            and len(data) >= limit
+            and req.environ["wsgi.input"].read(1)
+        ):
+            raise RequestEntityTooLarge()
         try:
             data = super()._raw_load_json(req)
         except RecursionError:  # deeply nested JSON within the size limit

@@ -56,6 +56,7 @@ SUCCESS_MESSAGE = "Test message sent successfully"
 # How often the waiting web request also looks at the attempt row, in case the result never arrives.
 LOG_POLL_SECONDS = 1.0
 RESULT_POLL_SECONDS = 0.01
+RESULT_POLL_MAX_SECONDS = 0.2
 PUBSUB_SLICE_SECONDS = 1.0
 # The worker stops at the deadline; the web waits a little longer so that an answer given right at the
 # deadline is reported rather than lost.
@@ -205,11 +206,12 @@ def _poll_result(result: AsyncResult, seconds: float) -> Any:
             return result.get(timeout=PUBSUB_SLICE_SECONDS, propagate=False)
         # Polling backends (the embedded SQLite one) count their timeout in sleep intervals, not in elapsed
         # time, so a slow poll stretches it; keep our own clock.
-        until = time.monotonic() + seconds
+        until, pause = time.monotonic() + seconds, RESULT_POLL_SECONDS
         while not result.ready():
             if time.monotonic() >= until:
                 return None
-            time.sleep(RESULT_POLL_SECONDS)
+            time.sleep(pause)
+            pause = min(pause * 2, RESULT_POLL_MAX_SECONDS)  # a quick answer found quickly, a slow one cheaply
         if result.state == REVOKED:
             return REVOKED
         return result.get(propagate=False)
