@@ -392,3 +392,31 @@ def test_an_attempt_is_claimed_once(app, client, host):
         assert job.config["bot_token"] == config_for("telegram")["bot_token"]
         assert claim_attempt(attempt_id) is None
         assert claim_attempt(uuid.uuid4()) is None
+
+
+def test_a_job_celery_revoked_on_expiry_answers_timeout_at_once(app, client, host, peers):
+    """The job reached a worker after its expiry (a backlog, say): Celery revokes it and says so; the caller is
+    told `timeout` then, not `worker_error`, and not after waiting out the whole deadline."""
+    from datetime import UTC, datetime, timedelta
+
+    connector = create_connector(client, host, "telegram", peers=peers)
+
+    def expired_on_arrival(headers=None, **_):  # noqa: ANN001, ANN202
+        if headers and headers.get("task") == "deliveries.send_test":
+            headers["expires"] = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
+
+    before_task_publish.connect(expired_on_arrival, weak=False)
+    try:
+        started = time.monotonic()
+        response = send_test(client, host, connector["id"], DESTINATIONS["telegram"])
+        answered_in = time.monotonic() - started
+    finally:
+        before_task_publish.disconnect(expired_on_arrival)
+    body = response.get_json()
+    assert response.status_code == 502 and body["error_code"] == "timeout", body
+    assert answered_in < app.config["TEST_DELIVERY_TIMEOUT"] / 2
+    assert peers.telegram.received == []
+    [attempt] = client.get(f"/api/connectors/{connector['id']}/deliveries", headers=host.headers).get_json()[
+        "deliveries"
+    ]
+    assert attempt["status"] == "timeout"
