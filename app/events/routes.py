@@ -27,7 +27,7 @@ class EventQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    after = fields.Integer(load_default=0, validate=validate.Range(0, 2**62))
+    after = fields.Integer(load_default=0, validate=validate.Range(0, 2**31 - 1))  # ids are 32-bit integers
     limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000))
 
 

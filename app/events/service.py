@@ -36,7 +36,8 @@ EVENTS_LOCK = 0x62617062  # any constant of our own
 def emit(type_: str, host_id: uuid.UUID, data: dict[str, Any]) -> None:
     """Add an event to the caller's transaction: it is committed with the change, or not at all."""
     if db.session.get_bind().dialect.name == "postgresql":
-        db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENTS_LOCK})
+        with db.session.no_autoflush:  # the caller's pending change is flushed at its commit, where it is handled
+            db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENTS_LOCK})
     data = json.loads(json.dumps(data, default=str))
     db.session.add(Event(type=type_, host_id=host_id, data=data, created_at=utcnow()))
     db.session.info["events_written"] = True
