@@ -18,11 +18,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
-from bench import figures
+from bench import dispatch, figures, waiting
 from bench.figures import Row, Settings
-from bench.stack import REDIS_DB, ROOT, Process, Stack, wait_until
+from bench.stack import REDIS_DB, ROOT, Stack, start_peer
 
-FIGURES = ("crud", "test", "worker", "memory", "scale", "embedded")
+FIGURES = ("crud", "test", "worker", "memory", "dispatch", "scale", "embedded", "waiting")
 
 
 def machine() -> str:
@@ -35,13 +35,6 @@ def machine() -> str:
         int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
     )
     return f"{os.cpu_count()} cores, {cpu}, {memory_kib / 1024 / 1024:.0f} GiB, {platform.platform()}"
-
-
-def start_peer(kind: str, log_dir: Path, *extra: str) -> tuple[Process, int]:
-    peer = Process(f"peer-{kind}", [sys.executable, "-m", "bench.peers", kind, *extra], dict(os.environ), ROOT, log_dir)
-    wait_until(lambda: b"READY " in peer.log_path.read_bytes(), seconds=30, what=f"the {kind} peer", process=peer)
-    port = int(peer.log_path.read_text().split("READY ", 1)[1].split()[0])
-    return peer, port
 
 
 def table(rows: list[Row]) -> str:
@@ -95,7 +88,14 @@ def main(argv: list[str]) -> int:
     logs = work / "logs"
     logs.mkdir()
 
+    loads: list[tuple[str, float]] = []
+
     def log(message: str) -> None:
+        # A figure's first line (a digit, a dot) also shows the machine's load: others share its two cores.
+        if message[:1].isdigit() and message[1:2] == ".":
+            load = os.getloadavg()[0]
+            loads.append((message.split(":")[0], load))
+            message = f"{message} [load average {load:.1f}]"
         print(message, file=sys.stderr, flush=True)
 
     source = args.source.resolve()
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> int:
         telegram, telegram_port = start_peer("telegram", logs, "--delay", str(figures.PROVIDER_SECONDS))
         cleanup.callback(telegram.stop)
 
-        if chosen & {"crud", "test", "worker", "memory"}:
+        if chosen & {"crud", "test", "worker", "memory", "dispatch"}:
             log("starting PostgreSQL + Redis stack (release, web, worker)")
             stack = Stack(
                 "postgres-redis",
@@ -138,6 +138,9 @@ def main(argv: list[str]) -> int:
             if "memory" in chosen:
                 log("4. web memory")
                 rows += figures.web_memory(settings, stack)
+            if "dispatch" in chosen:
+                log("6. dispatch: OTP latency to the Telegram peer, and messages a second through one worker")
+                rows += dispatch.dispatch(settings, stack, f"http://127.0.0.1:{telegram_port}", pool)
             stack.stop()
 
         if "scale" in chosen:
@@ -161,13 +164,30 @@ def main(argv: list[str]) -> int:
             rows += figures.test_delivery(settings, embedded, smtp_port, "embedded", target_ms=50)
             embedded.stop()
 
+        if "waiting" in chosen:
+            log("7. waiting: lists beside 100 tests on a tarpit SMTP server, gthread and gevent")
+            if not waiting.gevent_installed():
+                log("  gevent is not installed: gthread variants only (.venv/bin/pip install gevent to add them)")
+            tarpit, tarpit_port = start_peer("tarpit", logs)
+            cleanup.callback(tarpit.stop)
+            rows += waiting.waiting(settings, logs, source, tarpit_port, smtp_port)
+
     rows.sort(key=lambda row: row.figure)
     print(f"\nmachine: {machine()}")
     wall = time.monotonic() - started
-    print(f"runs per measurement: {args.runs}, wrk run: {args.seconds:g} s, wall time {wall:.0f} s\n")
+    print(f"runs per measurement: {args.runs}, wrk run: {args.seconds:g} s, wall time {wall:.0f} s")
+    if loads:
+        values = [load for _, load in loads]
+        print(f"1-minute load average when each figure began: {min(values):.1f} to {max(values):.1f} (2 cores)")
+    print()
     print(table(rows))
     if args.output:
-        report = {"machine": machine(), "rows": [row.__dict__ for row in rows], "runs": settings.results}
+        report = {
+            "machine": machine(),
+            "load_averages": loads,
+            "rows": [row.__dict__ for row in rows],
+            "runs": settings.results,
+        }
         args.output.write_text(json.dumps(report, indent=1))
     return 0
 

@@ -7,7 +7,7 @@ import statistics
 import subprocess
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent / "requests.lua"
@@ -36,6 +36,7 @@ class WrkResult:
     p99_ms: float
     socket_errors: int
     statuses: dict[int, int]
+    codes: dict[str, int] = field(default_factory=dict)  # "503 busy": count, for answers >= 400
 
     @property
     def rate(self) -> float:
@@ -72,6 +73,7 @@ def wrk(
                 p99_ms=raw["p99_us"] / 1000,
                 socket_errors=raw["socket_errors"],
                 statuses={int(status): count for status, count in raw["statuses"].items()},
+                codes=raw.get("codes", {}),
             )
     raise RuntimeError(f"wrk gave no result (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
 

@@ -32,6 +32,13 @@ def mint(secret: str, host_id: uuid.UUID, hours: float = 6.0) -> str:
     return jwt.encode({"sub": str(host_id), "iat": now, "exp": now + int(hours * 3600)}, secret, algorithm="HS256")
 
 
+def mint_service(secret: str, name: str = "bench-service", hours: float = 6.0) -> str:
+    """A token of an internal BAPBA service (claim `role` = `service`), for the dispatch API."""
+    now = int(time.time())
+    claims = {"sub": name, "role": "service", "iat": now, "exp": now + int(hours * 3600)}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
 def new_hosts(secret: str, count: int) -> list[Host]:
     hosts = []
     for _ in range(count):
@@ -74,6 +81,42 @@ def insert_hosts(conn: psycopg.Connection, hosts: Sequence[Host], connectors_eac
                         )  # fmt: skip
                     )
     conn.commit()
+
+
+def insert_sealed_connectors(
+    conn: psycopg.Connection,
+    master_key_hex: str,
+    hosts: Sequence[Host],
+    connector_type: str,
+    config: dict[str, Any],
+    each: int,
+) -> list[uuid.UUID]:
+    """Insert the Hosts and `each` connectors of one type for each, whose config is really sealed under the
+    Host's key (as the API seals it), so that a worker can open it; returns the new connectors' ids."""
+    from app.crypto import Keyring
+
+    keyring = Keyring(bytes.fromhex(master_key_hex))
+    now = _naive_utc()
+    ids: list[uuid.UUID] = []
+    with conn.cursor() as cursor:
+        with cursor.copy("COPY hosts (id, will_active, created_at, updated_at) FROM STDIN") as copy:
+            for host in hosts:
+                copy.write_row((host.id, False, now, now))
+        columns = "id, host_id, type, name, priority, is_verified, config_key_id, config_sealed, created_at, updated_at"
+        with cursor.copy(f"COPY connectors ({columns}) FROM STDIN") as copy:
+            for host in hosts:
+                for index in range(each):
+                    connector_id = uuid.uuid4()
+                    sealed = keyring.seal(host.id, connector_id, config)
+                    created = now - timedelta(seconds=each - index)
+                    copy.write_row(
+                        (connector_id, host.id, connector_type, f"{connector_type} {index}", 0, False,
+                         sealed.key_id, sealed.ciphertext, created, created)
+                    )  # fmt: skip
+                    host.connector_ids.append(connector_id)
+                    ids.append(connector_id)
+    conn.commit()
+    return ids
 
 
 def fill_table(conn: psycopg.Connection, hosts: int, connectors_each: int) -> list[uuid.UUID]:

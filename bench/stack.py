@@ -22,6 +22,7 @@ from typing import IO
 import httpx
 import psycopg
 import redis
+from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -49,6 +50,18 @@ def procfile(source: Path) -> dict[str, str]:
         if sep and name.strip() and not line.lstrip().startswith("#"):
             entries[name.strip()] = command.strip()
     return entries
+
+
+def celery_config(env: dict[str, str], instance: Path, *, results: bool = True) -> dict[str, object]:
+    """The Celery settings the service's processes derive from `env`, read through the app's own settings
+    loader (so that a setting added there, such as SWEEP_INTERVAL, is never missing here)."""
+    from app.config import load_settings
+    from app.queues import celery_settings
+
+    config = celery_settings(load_settings(env, instance), instance)
+    if not results:
+        config["result_backend"] = None
+    return config
 
 
 def _children(pid: int) -> list[int]:
@@ -164,6 +177,14 @@ def wait_until(check: Callable[[], bool], *, seconds: float, what: str, process:
     raise RuntimeError(f"timed out after {seconds:g} s waiting for {what}{tail}")
 
 
+def start_peer(kind: str, log_dir: Path, *extra: str) -> tuple[Process, int]:
+    """A peer of `bench/peers.py` in its own process, listening; and its port."""
+    peer = Process(f"peer-{kind}", [sys.executable, "-m", "bench.peers", kind, *extra], dict(os.environ), ROOT, log_dir)
+    wait_until(lambda: b"READY " in peer.log_path.read_bytes(), seconds=30, what=f"the {kind} peer", process=peer)
+    port = int(peer.log_path.read_text().split("READY ", 1)[1].split()[0])
+    return peer, port
+
+
 class Database:
     """A PostgreSQL database created for this run and dropped at the end."""
 
@@ -207,6 +228,7 @@ class Stack:
         self.database: Database | None = None
         self.redis_url: str | None = None
         self.processes: dict[str, Process] = {}
+        self._celery: Celery | None = None
         env = {
             **os.environ,
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -252,8 +274,16 @@ class Stack:
         self.processes[name] = process
         return process
 
-    def start_web(self) -> Process:
-        process = self.start("web")
+    def celery(self) -> Celery:
+        """A producer configured as the web process is, less the result backend: only the worker's work counts."""
+        if self._celery is None:
+            self._celery = Celery(f"bench-{self.name}", set_as_current=False)
+            self._celery.config_from_object(celery_config(self.env, self.instance, results=False))
+        return self._celery
+
+    def start_web(self, command: str | None = None, env: dict[str, str] | None = None) -> Process:
+        """The Procfile's web line, or `command` (a variant of it) with `env` in place of the stack's."""
+        process = self.start("web", command, env)
         wait_until(
             lambda: httpx.get(f"{self.base_url}/api/health", timeout=2).status_code == 200,
             seconds=90,
@@ -265,11 +295,15 @@ class Stack:
     def start_worker(self) -> Process:
         process = self.start("worker")
         log = process.log_path
+        control = self.celery().control if self.redis_url else None
 
         def ready() -> bool:
-            # The banner's "ready." shows only at INFO; the readiness endpoint asks the worker itself.
+            # The banner's "ready." shows only at INFO. On Redis, the worker answers a ping once it consumes
+            # (asking /api/health/ready instead would meet its rate limit when a figure restarts the worker).
             if b" ready." in log.read_bytes():
                 return True
+            if control is not None:
+                return bool(control.ping(timeout=0.5))
             return httpx.get(f"{self.base_url}/api/health/ready", timeout=5).status_code == 200
 
         wait_until(ready, seconds=90, what="the worker to be ready", process=process)
@@ -287,6 +321,9 @@ class Stack:
             except BaseException as exc:  # keep stopping the rest
                 errors.append(exc)
         self.processes.clear()
+        if self._celery is not None:
+            self._celery.close()
+            self._celery = None
         if self.database is not None:
             try:
                 self.database.drop()

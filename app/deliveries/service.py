@@ -231,19 +231,29 @@ def _forget(result: AsyncResult) -> None:
 
 
 def _logged_outcome(attempt_id: uuid.UUID) -> Outcome | None:
-    """The outcome the worker recorded, if it has; None while the database cannot say."""
+    """The outcome the worker recorded, if it has; None while the database cannot say.
+
+    The fields are read before the transaction ends: a read after it would open another and hold a pooled
+    connection idle in it for as long as the request waits."""
     try:
-        attempt = db.session.get(DeliveryAttempt, attempt_id, populate_existing=True)
+        row = db.session.execute(
+            select(
+                DeliveryAttempt.status,
+                DeliveryAttempt.message,
+                DeliveryAttempt.error_code,
+                DeliveryAttempt.delivery_time_ms,
+            ).where(DeliveryAttempt.id == attempt_id)
+        ).first()
         db.session.rollback()
     except DATABASE_DOWN as exc:  # the result may still come through the broker: keep waiting for it
         log.warning("attempt log unavailable while waiting for %s: %s", attempt_id, type(exc).__name__)
         discard_session()
         return None
-    if attempt is None or attempt.status not in (SENT, FAILED):
+    if row is None or row.status not in (SENT, FAILED):
         return None
-    if attempt.status == SENT:
-        return Outcome(True, attempt.message or SUCCESS_MESSAGE, delivery_time_ms=attempt.delivery_time_ms)
-    return Outcome(False, attempt.message or "the delivery failed", error_code=attempt.error_code or WORKER_ERROR)
+    if row.status == SENT:
+        return Outcome(True, row.message or SUCCESS_MESSAGE, delivery_time_ms=row.delivery_time_ms)
+    return Outcome(False, row.message or "the delivery failed", error_code=row.error_code or WORKER_ERROR)
 
 
 def close_open(attempt_id: uuid.UUID, outcome: Outcome) -> None:
