@@ -18,7 +18,6 @@ from app.timeutil import utcnow
 PENDING, SENDING, SENT, FAILED, TIMEOUT, UNKNOWN = "pending", "sending", "sent", "failed", "timeout", "unknown"
 STATUSES = (PENDING, SENDING, SENT, FAILED, TIMEOUT, UNKNOWN)
 TEST, CHECK, MESSAGE = "test", "check", "message"
-KINDS = (TEST, CHECK, MESSAGE)
 OPEN_FILTER = text("status IN ('pending', 'sending')")
 OPEN_PROBE_FILTER = text("status IN ('pending', 'sending') AND kind IN ('test', 'check')")
 

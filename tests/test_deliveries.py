@@ -18,22 +18,9 @@ from tests.conftest import (
     config_for,
     create_connector,
 )
-from tests.support import db_id
+from tests.support import DESTINATIONS, closed_port, db_id, send_test
 
 pytestmark = pytest.mark.usefixtures("worker")
-
-DESTINATIONS = {
-    "email": "survivor@example.org",
-    "sms": "+14155550199",
-    "whatsapp": "+14155550188",
-    "telegram": "123456789",
-}
-
-
-def send_test(client, host, connector_id, destination):
-    return client.post(
-        f"/api/connectors/{connector_id}/test", json={"test_destination": destination}, headers=host.headers
-    )
 
 
 def connector_state(client, host, connector_id):
@@ -168,7 +155,7 @@ def test_slow_provider_is_502_within_the_timeout_plus_a_second(app, client, host
 
 @pytest.mark.parametrize("kind", ["email", "sms", "whatsapp", "telegram"])
 def test_unreachable_provider_is_502_provider_unreachable(app, client, host, peers, kind):
-    closed = _closed_port()
+    closed = closed_port()
     config = config_for(kind, peers, **({"smtp_port": closed} if kind == "email" else {}))
     created = client.post("/api/connectors", json={"type": kind, "name": "x", "config": config}, headers=host.headers)
     base_key = {"sms": "TWILIO_API_BASE_URL", "whatsapp": "WHATSAPP_API_BASE_URL", "telegram": "TELEGRAM_API_BASE_URL"}
@@ -351,14 +338,6 @@ def _mark_verified(app, connector_id: str) -> None:
         ).rowcount
         db.session.commit()
     assert marked == 1, f"connector {connector_id} was not marked verified"  # else 'unverify' would prove nothing
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stored_results(app) -> str:

@@ -11,7 +11,7 @@ import ssl
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from marshmallow import Schema
@@ -71,7 +71,6 @@ class ChannelType:
     recipient_field: str  # the field of a dispatch's `recipient` this type can reach
     normalize: Callable[[str], str]  # a destination as given -> its canonical form, or ValidationError
     mask: Callable[[str], str]  # a destination -> enough to recognise it, not enough to harvest it
-    destination_hint: str = field(default="")
 
     @property
     def queue(self) -> str:

@@ -235,5 +235,4 @@ CHANNEL = ChannelType(
     recipient_field="email",
     normalize=email_address,
     mask=mask,
-    destination_hint="an email address",
 )

@@ -123,5 +123,4 @@ CHANNEL = ChannelType(
     recipient_field="phone",
     normalize=e164,
     mask=mask_phone,
-    destination_hint="an E.164 phone number",
 )

@@ -149,5 +149,4 @@ CHANNEL = ChannelType(
     recipient_field="telegram_chat_id",
     normalize=chat_id,
     mask=mask,
-    destination_hint="a numeric chat id (negative for groups) or @channelname",
 )
