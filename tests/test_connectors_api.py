@@ -6,8 +6,9 @@ import re
 import uuid
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
+from app.extensions import db
 from tests.conftest import SECRET_VALUES, config_for, create_connector, new_host, service_headers
 
 FIELDS = {"id", "type", "name", "is_verified", "priority", "created_at"}
@@ -304,6 +305,38 @@ def test_list_is_limited_to_100_per_minute_per_host(client, host, other_host):
     assert int(limited.headers["Retry-After"]) > 0
     assert limited.headers["X-RateLimit-Limit"] == "100" and limited.headers["X-RateLimit-Remaining"] == "0"
     assert client.get("/api/connectors", headers=other_host.headers).status_code == 200
+
+
+def test_the_list_is_one_statement_outside_a_transaction_and_hands_back_a_transactional_connection(app, client, host):
+    # BENCHMARKS.md, figure 1: the list's own database work is one SELECT of the shown columns, with no BEGIN
+    # and ROLLBACK around it; the connection goes back to the pool transactional, for the writes that lock.
+    create_connector(client, host, "email")
+    create_connector(client, host, "sms")
+    with app.app_context():
+        engine = db.engine
+    autocommit = engine.dialect.detect_autocommit_setting
+    statements: list[tuple[str, bool]] = []
+    returned: list[bool] = []
+
+    def on_execute(conn, _cursor, statement, _params, _context, _many):  # type: ignore[no-untyped-def]
+        statements.append((statement, autocommit(conn.connection.dbapi_connection)))
+
+    def on_checkin(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        returned.append(autocommit(dbapi_connection))
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(engine, "checkin", on_checkin)
+    try:
+        answer = client.get("/api/connectors", headers=host.headers)
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+        event.remove(engine, "checkin", on_checkin)
+    assert [c["type"] for c in answer.get_json()["connectors"]] == ["email", "sms"]
+    assert len(statements) == 1, statements
+    statement, in_autocommit = statements[0]
+    assert statement.lstrip().upper().startswith("SELECT") and in_autocommit
+    assert "config_sealed" not in statement and "config_key_id" not in statement
+    assert returned == [False]
 
 
 def test_create_is_limited_to_10_per_hour_per_host(client, host):

@@ -9,8 +9,9 @@ from typing import Any
 
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import load_only
 
 from app.attempts import MESSAGE, DeliveryAttempt
 from app.auth.models import Host
@@ -43,9 +44,31 @@ def _duplicate(connector_type: str, name: str) -> ConflictError:
     return ConflictError(f"A connector of type {connector_type} named {name!r} already exists")
 
 
+# The busiest read, built once: SQLAlchemy memoizes a statement's cache key on the statement object, so a
+# statement rebuilt per request costs its construction and its key every time. It loads only the columns the
+# list shows; raiseload makes any other attribute an error instead of a query per row.
+_LIST = (
+    select(Connector)
+    .options(
+        load_only(
+            Connector.id,
+            Connector.type,
+            Connector.name,
+            Connector.is_verified,
+            Connector.priority,
+            Connector.created_at,
+            raiseload=True,
+        )
+    )
+    .where(Connector.host_id == bindparam("host_id"))
+    .order_by(Connector.priority, Connector.created_at, Connector.id)
+)
+
+
 def list_connectors(host_id: uuid.UUID) -> list[Connector]:
-    query = select(Connector).where(Connector.host_id == host_id)
-    return list(db.session.scalars(query.order_by(Connector.priority, Connector.created_at, Connector.id)))
+    # One SELECT is consistent on its own: without a transaction around it, no BEGIN and ROLLBACK round trips.
+    db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    return list(db.session.scalars(_LIST, {"host_id": host_id}))
 
 
 def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> Connector:
