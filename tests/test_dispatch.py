@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import text
+from sqlalchemy import event, text
 
+from app.extensions import db
 from tests.conftest import Host, create_connector, make_token, service_headers
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -269,3 +270,36 @@ def test_a_providers_words_quoting_the_recipient_are_masked(app, client, host, p
     assert "+14*******71" in attempt["message"] and "4155552671" not in json.dumps(final)
     events = client.get("/api/internal/events", headers=service_headers()).get_json()["events"]
     assert "4155552671" not in json.dumps(events)
+
+
+def test_the_list_is_newest_first_with_each_messages_attempts_read_in_one_query(app, client, host, peers):
+    create_connector(client, host, "email", peers=peers)
+    sent = [dispatch(client, host.id, text=f"Message {n}").get_json()["id"] for n in range(3)]
+    for message_id in sent:
+        assert wait_final(app, client, message_id)["status"] == "delivered"
+
+    with app.app_context():
+        engine = db.engine
+    statements: list[str] = []
+
+    def on_execute(_conn, _cursor, statement, _params, _context, _many):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    try:
+        listed = client.get(f"/api/internal/hosts/{host.id}/messages", headers=service_headers())
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+    assert listed.status_code == 200, listed.get_json()
+    messages = listed.get_json()["messages"]
+    assert [m["id"] for m in messages] == sent[::-1]
+    for shown in messages:
+        assert shown == message(client, shown["id"])  # the same view as one message, attempts included
+        [attempt] = shown["attempts"]
+        assert attempt["status"] == "sent"
+    assert len(statements) == 3, statements  # the Host, the page, every attempt of the page
+
+    page = client.get(f"/api/internal/hosts/{host.id}/messages?limit=2&status=delivered", headers=service_headers())
+    assert [m["id"] for m in page.get_json()["messages"]] == sent[:0:-1]
+    none = client.get(f"/api/internal/hosts/{host.id}/messages?status=failed", headers=service_headers())
+    assert none.get_json() == {"messages": []}

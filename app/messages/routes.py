@@ -44,7 +44,7 @@ class HostMessages(MethodView):
     def get(self, query: dict, host_id: uuid.UUID) -> dict:
         """A Host's messages, newest first"""
         messages = service.list_messages(host_id, query.get("status"), query["limit"])
-        return {"messages": [service.view(message) for message in messages]}
+        return {"messages": service.views(messages)}
 
 
 @blp.route("/messages/<uuid:message_id>")

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -170,11 +171,26 @@ def list_messages(host_id: uuid.UUID, status: str | None, limit: int) -> list[Me
 
 
 def attempts_of(message_id: uuid.UUID) -> list[DeliveryAttempt]:
-    query = select(DeliveryAttempt).where(DeliveryAttempt.message_id == message_id)
-    return list(db.session.scalars(query.order_by(DeliveryAttempt.created_at, DeliveryAttempt.id)))
+    return attempts_by_message([message_id])[message_id]
 
 
-def view(message: Message) -> dict[str, Any]:
+def attempts_by_message(message_ids: list[uuid.UUID]) -> defaultdict[uuid.UUID, list[DeliveryAttempt]]:
+    """The attempts of several messages in one query, each message's oldest first."""
+    found: defaultdict[uuid.UUID, list[DeliveryAttempt]] = defaultdict(list)
+    if message_ids:
+        query = select(DeliveryAttempt).where(DeliveryAttempt.message_id.in_(message_ids))
+        for attempt in db.session.scalars(query.order_by(DeliveryAttempt.created_at, DeliveryAttempt.id)):
+            found[attempt.message_id].append(attempt)
+    return found
+
+
+def views(messages: list[Message]) -> list[dict[str, Any]]:
+    """A page of messages as the API shows them; their attempts read in one query, not one per message."""
+    attempts = attempts_by_message([message.id for message in messages])
+    return [view(message, attempts[message.id]) for message in messages]
+
+
+def view(message: Message, attempts: list[DeliveryAttempt] | None = None) -> dict[str, Any]:
     """The message as the API shows it: state and attempts, never its words or full addresses."""
     return {
         "id": message.id,
@@ -185,7 +201,7 @@ def view(message: Message) -> dict[str, Any]:
         "expires_at": message.expires_at,
         "delivered_at": message.delivered_at,
         "delivered_via": message.delivered_via,
-        "attempts": attempts_of(message.id),
+        "attempts": attempts_of(message.id) if attempts is None else attempts,
     }
 
 
