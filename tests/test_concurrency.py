@@ -8,9 +8,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from app.channels import base
-from tests.conftest import config_for, create_connector, new_host, service_headers
+from tests.conftest import TEST_DATABASE_URL, config_for, create_connector, new_host, service_headers
 from tests.support import send_test
 
 
@@ -95,3 +96,49 @@ def test_a_verdict_on_a_config_replaced_meanwhile_does_not_verify_the_new_one(cl
     assert answer["r"].status_code == 200  # the old config worked...
     listed = client.get("/api/connectors", headers=host.headers).get_json()["connectors"][0]
     assert listed["is_verified"] is False  # ...which says nothing about the new one
+
+
+@pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL row locks (SQLite has one writer at a time)")
+@pytest.mark.usefixtures("worker")
+def test_deleting_a_connector_while_a_send_on_it_is_being_recorded_waits_and_does_not_deadlock(
+    app, client, host, peers
+):
+    connector = create_connector(client, host, "email", peers=peers)
+    create_connector(client, host, "sms", peers=peers)
+    headers = {**service_headers(), "Idempotency-Key": "deadlock"}
+    body = {"purpose": "notification", "recipient": {"email": "ana@example.org"}, "text": "Hello"}
+    message_id = client.post(f"/api/internal/hosts/{host.id}/messages", json=body, headers=headers).get_json()["id"]
+    for _ in range(200):
+        shown = client.get(f"/api/internal/messages/{message_id}", headers=service_headers()).get_json()
+        if shown["status"] == "delivered":
+            break
+        time.sleep(0.1)
+    assert shown["status"] == "delivered", shown
+
+    # A send being recorded, as the worker's finish_send does: its attempt's row, then its connector's.
+    recorder = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    deleted: dict[str, int] = {}
+    with recorder.connect() as send:
+        send.execute(text("SET lock_timeout = '10s'"))
+        send.execute(
+            text("UPDATE delivery_attempts SET finished_at = finished_at WHERE message_id = :m"), {"m": message_id}
+        )
+        path = f"/api/connectors/{connector['id']}"
+        deleting = threading.Thread(
+            target=lambda: deleted.update(status=client.delete(path, headers=host.headers).status_code)
+        )
+        deleting.start()
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        for _ in range(100):  # the delete now waits for the attempt's row
+            if send.execute(waiting).scalar_one():
+                break
+            time.sleep(0.05)
+        send.execute(text("UPDATE connectors SET next_check_at = next_check_at WHERE id = :c"), {"c": connector["id"]})
+        send.commit()
+    deleting.join(15)
+    recorder.dispose()
+    assert deleted == {"status": 204}
+    [attempt] = client.get(f"/api/internal/messages/{message_id}", headers=service_headers()).get_json()["attempts"]
+    assert attempt["status"] == "sent"  # the message's history stays

@@ -165,6 +165,11 @@ def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
     except NotFoundError:
         db.session.rollback()
         raise
+    # Then its attempts and itself, in the order a send being recorded takes them (its attempt, its connector,
+    # the events' lock): the delete sets the attempts' connector_id to NULL, so taking the connector first
+    # would deadlock with a send finishing on it.
+    db.session.execute(select(DeliveryAttempt.id).where(DeliveryAttempt.connector_id == connector_id).with_for_update())
+    db.session.execute(select(Connector.id).where(Connector.id == connector_id).with_for_update())
     host = db.session.get(Host, host_id, populate_existing=True)
     remaining = db.session.scalar(select(func.count()).select_from(Connector).where(Connector.host_id == host_id))
     if host is not None and host.will_active and remaining <= 1:
