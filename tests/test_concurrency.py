@@ -142,3 +142,22 @@ def test_deleting_a_connector_while_a_send_on_it_is_being_recorded_waits_and_doe
     assert deleted == {"status": 204}
     [attempt] = client.get(f"/api/internal/messages/{message_id}", headers=service_headers()).get_json()["attempts"]
     assert attempt["status"] == "sent"  # the message's history stays
+
+
+@pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL row and advisory locks (SQLite has one writer)")
+def test_an_update_and_a_delete_of_one_connector_at_once_never_deadlock(client):
+    # Both write an event: the events' lock must come after the connector's row lock in both, or each can
+    # hold what the other waits for.
+    outcomes = []
+    for round_ in range(12):
+        host = new_host()
+        connector = create_connector(client, host, "email")
+        create_connector(client, host, "sms")
+        path = f"/api/connectors/{connector['id']}"
+        calls = [
+            lambda path=path, host=host: client.put(path, json={"name": "renamed"}, headers=host.headers),
+            lambda path=path, host=host: client.delete(path, headers=host.headers),
+        ]
+        answers = _concurrently(2, lambda i, calls=calls: calls[i]())
+        outcomes.append((round_, answers[0].status_code, answers[1].status_code))
+    assert all(put in (200, 404) and delete == 204 for _, put, delete in outcomes), outcomes

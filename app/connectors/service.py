@@ -71,9 +71,10 @@ def list_connectors(host_id: uuid.UUID) -> list[Connector]:
     return list(db.session.scalars(_LIST, {"host_id": host_id}))
 
 
-def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> Connector:
-    """The Host's connector; another Host's is as unknown as a missing one."""
-    connector = db.session.get(Connector, connector_id)
+def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID, *, lock: bool = False) -> Connector:
+    """The Host's connector; another Host's is as unknown as a missing one. With `lock`, its row is locked
+    until the caller's transaction ends (one deleted meanwhile is then not found)."""
+    connector = db.session.get(Connector, connector_id, with_for_update=True if lock else None, populate_existing=lock)
     if connector is None or connector.host_id != host_id:
         raise NotFoundError("Connector not found")
     return connector
@@ -119,8 +120,8 @@ def create_connector(host_id: uuid.UUID, data: dict[str, Any]) -> Connector:
     )
     _seal(connector, data["config"])
     db.session.add(connector)
-    connector_event("connector.created", connector)
     try:
+        connector_event("connector.created", connector)
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
@@ -130,7 +131,10 @@ def create_connector(host_id: uuid.UUID, data: dict[str, Any]) -> Connector:
 
 
 def update_connector(host_id: uuid.UUID, connector_id: uuid.UUID, data: dict[str, Any]) -> Connector:
-    connector = get_connector(host_id, connector_id)
+    # Locked from the start: a delete at the same moment goes first or after, never halfway (a 404, or the
+    # update then the delete), and the row lock comes before the events' lock, as everywhere.
+    connector = get_connector(host_id, connector_id, lock=True)
+    unverified = False
     if "type" in data and data["type"] != connector.type:
         raise InvalidError("The type of a connector cannot change", errors={"json": {"type": ["Cannot change."]}})
     if "config" in data:
@@ -139,16 +143,17 @@ def update_connector(host_id: uuid.UUID, connector_id: uuid.UUID, data: dict[str
         except ValidationError as exc:
             raise InvalidError("Invalid config", errors={"json": {"config": exc.messages}}) from None
         _seal(connector, config)
-        if connector.is_verified:  # the old verdict says nothing of the new settings
-            connector.is_verified = False
-            connector_event("connector.unverified", connector, message="the config was replaced")
+        unverified = connector.is_verified  # the old verdict says nothing of the new settings
+        connector.is_verified = False
         connector.next_check_at = utcnow()  # check the new settings soon
     if "name" in data:
         connector.name = data["name"]
     if "priority" in data:
         connector.priority = data["priority"]
-    connector_event("connector.updated", connector)
     try:
+        if unverified:
+            connector_event("connector.unverified", connector, message="the config was replaced")
+        connector_event("connector.updated", connector)
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
@@ -166,8 +171,8 @@ def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
         db.session.rollback()
         raise
     # Then its attempts and itself, in the order a send being recorded takes them (its attempt, its connector,
-    # the events' lock): the delete sets the attempts' connector_id to NULL, so taking the connector first
-    # would deadlock with a send finishing on it.
+    # and last the events' lock, see `emit`): the delete sets the attempts' connector_id to NULL, so taking the
+    # connector first would deadlock with a send finishing on it.
     db.session.execute(select(DeliveryAttempt.id).where(DeliveryAttempt.connector_id == connector_id).with_for_update())
     db.session.execute(select(Connector.id).where(Connector.id == connector_id).with_for_update())
     host = db.session.get(Host, host_id, populate_existing=True)

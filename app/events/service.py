@@ -34,10 +34,14 @@ EVENTS_LOCK = 0x62617062  # any constant of our own
 
 
 def emit(type_: str, host_id: uuid.UUID, data: dict[str, Any]) -> None:
-    """Add an event to the caller's transaction: it is committed with the change, or not at all."""
+    """Add an event to the caller's transaction: it is committed with the change, or not at all.
+
+    The caller's pending changes are written first, so that the events' lock is the last lock of every
+    transaction: with one order everywhere, no two writers can deadlock through it. An error of that write
+    (a duplicate name) is raised here; callers handle it as they would at their commit."""
+    db.session.flush()
     if db.session.get_bind().dialect.name == "postgresql":
-        with db.session.no_autoflush:  # the caller's pending change is flushed at its commit, where it is handled
-            db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENTS_LOCK})
+        db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENTS_LOCK})
     data = json.loads(json.dumps(data, default=str))
     db.session.add(Event(type=type_, host_id=host_id, data=data, created_at=utcnow()))
     db.session.info["events_written"] = True
