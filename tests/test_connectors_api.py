@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 
 import pytest
@@ -318,11 +319,16 @@ def test_the_list_is_one_statement_outside_a_transaction_and_hands_back_a_transa
     statements: list[tuple[str, bool]] = []
     returned: list[bool] = []
 
+    # The test client answers in this thread; an embedded worker shares the engine from its own threads.
+    this_thread = threading.get_ident()
+
     def on_execute(conn, _cursor, statement, _params, _context, _many):  # type: ignore[no-untyped-def]
-        statements.append((statement, autocommit(conn.connection.dbapi_connection)))
+        if threading.get_ident() == this_thread:
+            statements.append((statement, autocommit(conn.connection.dbapi_connection)))
 
     def on_checkin(dbapi_connection, _record):  # type: ignore[no-untyped-def]
-        returned.append(autocommit(dbapi_connection))
+        if threading.get_ident() == this_thread:
+            returned.append(autocommit(dbapi_connection))
 
     event.listen(engine, "before_cursor_execute", on_execute)
     event.listen(engine, "checkin", on_checkin)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -282,8 +283,11 @@ def test_the_list_is_newest_first_with_each_messages_attempts_read_in_one_query(
         engine = db.engine
     statements: list[str] = []
 
+    this_thread = threading.get_ident()  # the test client's; the embedded worker runs in its own threads
+
     def on_execute(_conn, _cursor, statement, _params, _context, _many):  # type: ignore[no-untyped-def]
-        statements.append(statement)
+        if threading.get_ident() == this_thread:
+            statements.append(statement)
 
     event.listen(engine, "before_cursor_execute", on_execute)
     try:
