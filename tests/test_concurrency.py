@@ -5,12 +5,19 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from app.channels import base
+from app.channels.base import OutgoingMessage
+from app.messages.service import SendJob, finish_send
+from app.outcomes import Outcome
+from app.timeutil import utcnow
 from tests.conftest import TEST_DATABASE_URL, config_for, create_connector, new_host, service_headers
 from tests.support import send_test
 
@@ -100,13 +107,12 @@ def test_a_verdict_on_a_config_replaced_meanwhile_does_not_verify_the_new_one(cl
 
 @pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL row locks (SQLite has one writer at a time)")
 @pytest.mark.usefixtures("worker")
-def test_deleting_a_connector_while_a_send_on_it_is_being_recorded_waits_and_does_not_deadlock(
-    app, client, host, peers
-):
+def test_a_send_being_recorded_waits_for_its_connector_before_it_holds_its_attempt(app, client, host, peers):
+    # A delete locks the connector, then its attempts (their connector_id is set NULL). The worker recording a
+    # send must take them in the same order, or each holds what the other waits for.
     connector = create_connector(client, host, "email", peers=peers)
-    create_connector(client, host, "sms", peers=peers)
-    headers = {**service_headers(), "Idempotency-Key": "deadlock"}
     body = {"purpose": "notification", "recipient": {"email": "ana@example.org"}, "text": "Hello"}
+    headers = {**service_headers(), "Idempotency-Key": "lock-order"}
     message_id = client.post(f"/api/internal/hosts/{host.id}/messages", json=body, headers=headers).get_json()["id"]
     for _ in range(200):
         shown = client.get(f"/api/internal/messages/{message_id}", headers=service_headers()).get_json()
@@ -115,33 +121,64 @@ def test_deleting_a_connector_while_a_send_on_it_is_being_recorded_waits_and_doe
         time.sleep(0.1)
     assert shown["status"] == "delivered", shown
 
-    # A send being recorded, as the worker's finish_send does: its attempt's row, then its connector's.
-    recorder = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
-    deleted: dict[str, int] = {}
-    with recorder.connect() as send:
-        send.execute(text("SET lock_timeout = '10s'"))
-        send.execute(
-            text("UPDATE delivery_attempts SET finished_at = finished_at WHERE message_id = :m"), {"m": message_id}
-        )
-        path = f"/api/connectors/{connector['id']}"
-        deleting = threading.Thread(
-            target=lambda: deleted.update(status=client.delete(path, headers=host.headers).status_code)
-        )
-        deleting.start()
-        waiting = text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        for _ in range(100):  # the delete now waits for the attempt's row
-            if send.execute(waiting).scalar_one():
+    engine = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    with engine.begin() as setup:  # back to the moment the provider has answered and the worker records it
+        setup.execute(text("UPDATE messages SET status = 'sending' WHERE id = :m"), {"m": message_id})
+        attempt_id, sealed = setup.execute(
+            text(
+                "UPDATE delivery_attempts SET status = 'sending', finished_at = NULL WHERE message_id = :m "
+                "RETURNING id, (SELECT config_sealed FROM connectors WHERE id = :c)"
+            ),
+            {"m": message_id, "c": connector["id"]},
+        ).one()
+    job = SendJob(
+        attempt_id=attempt_id,
+        message_id=uuid.UUID(message_id),
+        connector_id=uuid.UUID(connector["id"]),
+        connector_type="email",
+        config={},
+        sealed=sealed,
+        destination="ana@example.org",
+        message=OutgoingMessage(subject="s", text="t"),
+        expires_at=utcnow() + timedelta(minutes=5),
+    )
+    errors: list[BaseException] = []
+
+    def record() -> None:
+        with app.app_context():
+            try:
+                finish_send(job, Outcome(success=True, message="sent", delivery_time_ms=5))
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+    with engine.connect() as deleting, engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
+        deleting.execute(text("SET lock_timeout = '5s'"))
+        deleting.execute(text("SELECT id FROM connectors WHERE id = :c FOR UPDATE"), {"c": connector["id"]})
+        holder = deleting.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        recorder = threading.Thread(target=record)
+        recorder.start()
+        blocked = text("SELECT count(*) FROM pg_stat_activity WHERE :holder = ANY(pg_blocking_pids(pid))")
+        for _ in range(200):  # until the recorder waits for the connector this delete holds
+            if watch.execute(blocked, {"holder": holder}).scalar_one():
                 break
             time.sleep(0.05)
-        send.execute(text("UPDATE connectors SET next_check_at = next_check_at WHERE id = :c"), {"c": connector["id"]})
-        send.commit()
-    deleting.join(15)
-    recorder.dispose()
-    assert deleted == {"status": 204}
-    [attempt] = client.get(f"/api/internal/messages/{message_id}", headers=service_headers()).get_json()["attempts"]
-    assert attempt["status"] == "sent"  # the message's history stays
+        else:
+            pytest.fail("the recorder never waited for the connector's row")
+        # It waits for the connector and holds no attempt: the delete can take the attempt at once.
+        try:
+            held = deleting.execute(
+                text("SELECT id FROM delivery_attempts WHERE id = :a FOR UPDATE NOWAIT"), {"a": attempt_id}
+            ).all()
+        except OperationalError as exc:
+            pytest.fail(f"the recorder holds the attempt while it waits for the connector: {exc.orig}")
+        deleting.rollback()
+    recorder.join(15)
+    engine.dispose()
+    assert not recorder.is_alive()
+    assert len(held) == 1 and errors == []
+    assert client.get(f"/api/internal/messages/{message_id}", headers=service_headers()).get_json()["status"] == (
+        "delivered"
+    )
 
 
 @pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL row and advisory locks (SQLite has one writer)")

@@ -73,8 +73,10 @@ def list_connectors(host_id: uuid.UUID) -> list[Connector]:
 
 def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID, *, lock: bool = False) -> Connector:
     """The Host's connector; another Host's is as unknown as a missing one. With `lock`, its row is locked
-    until the caller's transaction ends (one deleted meanwhile is then not found)."""
-    connector = db.session.get(Connector, connector_id, with_for_update=True if lock else None, populate_existing=lock)
+    until the caller's transaction ends (on PostgreSQL, one deleted meanwhile is then not found)."""
+    # FOR NO KEY UPDATE: it holds off other writers of the row, not the inserts of attempts that refer to it.
+    for_update = {"key_share": True} if lock else None
+    connector = db.session.get(Connector, connector_id, with_for_update=for_update, populate_existing=lock)
     if connector is None or connector.host_id != host_id:
         raise NotFoundError("Connector not found")
     return connector
@@ -85,12 +87,21 @@ def first_check_at(now: datetime) -> datetime:
     return now + timedelta(seconds=random.uniform(0, current_app.config["CONNECTOR_CHECK_INTERVAL"]))
 
 
+def lock_for_verdict(connector_id: uuid.UUID) -> None:
+    """Lock the connector's row before the caller writes the attempt that `record_verdict` judges.
+
+    Writers lock in one order: the Host, the message, the connector, its attempts, and last the events' lock
+    (see `emit`). A delete locks the connector, then its attempts (their connector_id is set NULL); a send
+    recorded attempt-first would wait for the connector while holding what the delete waits for."""
+    db.session.execute(select(Connector.id).where(Connector.id == connector_id).with_for_update(key_share=True))
+
+
 def record_verdict(
     connector_id: uuid.UUID, sealed: bytes, verified: bool, error_code: str | None, message: str | None
 ) -> None:
     """A provider's verdict on the config that was used (a config replaced meanwhile has not been judged):
     is_verified, the next re-check a whole interval away, and an event when is_verified changes. Part of the
-    caller's transaction."""
+    caller's transaction, which has called `lock_for_verdict` first."""
     now = utcnow()
     judged = Connector.id == connector_id, Connector.config_sealed == sealed
     next_check = now + timedelta(seconds=current_app.config["CONNECTOR_CHECK_INTERVAL"])
@@ -170,10 +181,7 @@ def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
     except NotFoundError:
         db.session.rollback()
         raise
-    # Then its attempts and itself, in the order a send being recorded takes them (its attempt, its connector,
-    # and last the events' lock, see `emit`): the delete sets the attempts' connector_id to NULL, so taking the
-    # connector first would deadlock with a send finishing on it.
-    db.session.execute(select(DeliveryAttempt.id).where(DeliveryAttempt.connector_id == connector_id).with_for_update())
+    # Then the connector, before its attempts (the delete sets their connector_id NULL): see `lock_for_verdict`.
     db.session.execute(select(Connector.id).where(Connector.id == connector_id).with_for_update())
     host = db.session.get(Host, host_id, populate_existing=True)
     remaining = db.session.scalar(select(func.count()).select_from(Connector).where(Connector.host_id == host_id))
@@ -184,8 +192,8 @@ def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
     db.session.execute(
         delete(DeliveryAttempt).where(DeliveryAttempt.connector_id == connector_id, DeliveryAttempt.kind != MESSAGE)
     )
-    connector_event("connector.deleted", connector)
     db.session.delete(connector)
+    connector_event("connector.deleted", connector)  # after the delete is written: the events' lock comes last
     db.session.commit()
     announce()
 
@@ -202,7 +210,8 @@ def reseal_all(batch_size: int = 500) -> tuple[int, list[uuid.UUID]]:
         query = select(Connector).where(Connector.config_key_id != current)
         if unopenable:
             query = query.where(Connector.id.not_in(unopenable))
-        rows = db.session.scalars(query.order_by(Connector.id).limit(batch_size).with_for_update()).all()
+        # FOR NO KEY UPDATE: the key stays, so attempts being created for these connectors need not wait.
+        rows = db.session.scalars(query.order_by(Connector.id).limit(batch_size).with_for_update(key_share=True)).all()
         if not rows:
             return count, unopenable
         for connector in rows:

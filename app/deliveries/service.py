@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from app.attempts import CHECK, FAILED, PENDING, SENDING, SENT, TEST, TIMEOUT, UNKNOWN, DeliveryAttempt
 from app.channels import channel
 from app.connectors.models import Connector
-from app.connectors.service import first_check_at, get_connector, open_config, record_verdict
+from app.connectors.service import first_check_at, get_connector, lock_for_verdict, open_config, record_verdict
 from app.errors import (
     DATABASE_DOWN,
     IN_PROGRESS,
@@ -310,6 +310,9 @@ def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
 def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
     """Record the outcome; the provider's verdict decides is_verified, our own failures leave it be."""
     now = utcnow()
+    judged = job is not None and (outcome.success or outcome.error_code in PROVIDER_CAUSED)
+    if judged:
+        lock_for_verdict(job.connector_id)
     db.session.execute(
         update(DeliveryAttempt)
         .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status.not_in([SENT, FAILED]))
@@ -321,7 +324,7 @@ def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> 
             finished_at=now,
         )
     )
-    if job is not None and (outcome.success or outcome.error_code in PROVIDER_CAUSED):
+    if judged:
         record_verdict(job.connector_id, job.sealed, outcome.success, outcome.error_code, outcome.message)
     db.session.commit()
     announce()
@@ -382,15 +385,27 @@ def close_overdue(now: Any = None) -> int:
     """Close every attempt still open past its deadline (the sweep): nobody waits for it any more."""
     now = now or utcnow()
     count = 0
-    for status, closed_as, code, text in (
-        (PENDING, TIMEOUT, TIMEOUT_CODE, "no worker started the test before its deadline"),
-        (SENDING, UNKNOWN, UNKNOWN_CODE, "the worker stopped during the provider call; it may have gone through"),
-    ):
-        count += db.session.execute(
-            update(DeliveryAttempt)
-            .where(DeliveryAttempt.status == status, DeliveryAttempt.deadline_at < now)
-            .values(status=closed_as, error_code=code, message=text, finished_at=now)
-        ).rowcount
+    while True:
+        # Rows another transaction holds (a delete, an outcome being recorded) are left to the next sweep:
+        # waiting for them while holding others could close a circle of waits.
+        overdue = db.session.scalars(
+            select(DeliveryAttempt.id)
+            .where(DeliveryAttempt.status.in_([PENDING, SENDING]), DeliveryAttempt.deadline_at < now)
+            .order_by(DeliveryAttempt.id)
+            .limit(500)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not overdue:
+            break
+        for status, closed_as, code, text in (
+            (PENDING, TIMEOUT, TIMEOUT_CODE, "no worker started the test before its deadline"),
+            (SENDING, UNKNOWN, UNKNOWN_CODE, "the worker stopped during the provider call; it may have gone through"),
+        ):
+            count += db.session.execute(
+                update(DeliveryAttempt)
+                .where(DeliveryAttempt.id.in_(overdue), DeliveryAttempt.status == status)
+                .values(status=closed_as, error_code=code, message=text, finished_at=now)
+            ).rowcount
     db.session.commit()
     return count
 

@@ -29,7 +29,7 @@ from app.auth.models import Host
 from app.channels import CHANNELS, channel
 from app.channels.base import OutgoingMessage
 from app.connectors.models import Connector
-from app.connectors.service import keyring, open_config, record_verdict
+from app.connectors.service import keyring, lock_for_verdict, open_config, record_verdict
 from app.crypto import Sealed
 from app.errors import IDEMPOTENCY_KEY_REUSED, NO_ROUTE, NotFoundError, UnprocessableError
 from app.events.service import announce, emit
@@ -399,6 +399,9 @@ def finish_send(job: SendJob, outcome: Outcome, retry_after: float | None = None
     """Record the outcome; True when the message still needs a next step."""
     now = utcnow()
     message = _lock(job.message_id)  # first, as advance does: the same lock order everywhere
+    judged = outcome.success or outcome.error_code in PROVIDER_CAUSED
+    if judged:
+        lock_for_verdict(job.connector_id)
     db.session.execute(
         update(DeliveryAttempt)
         .where(DeliveryAttempt.id == job.attempt_id, DeliveryAttempt.status.in_([ATTEMPT_SENDING, UNKNOWN]))
@@ -410,7 +413,7 @@ def finish_send(job: SendJob, outcome: Outcome, retry_after: float | None = None
             finished_at=now,
         )
     )
-    if outcome.success or outcome.error_code in PROVIDER_CAUSED:
+    if judged:
         record_verdict(job.connector_id, job.sealed, outcome.success, outcome.error_code, outcome.message)
     if message is None:  # already final (expired meanwhile, or delivered through another channel)
         db.session.commit()
