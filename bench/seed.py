@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -51,36 +51,38 @@ def _naive_utc() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def insert_hosts(conn: psycopg.Connection, hosts: Sequence[Host], connectors_each: int) -> None:
-    """Insert the Hosts and `connectors_each` connectors for each, as the migrations' tables hold them."""
-    now = _naive_utc()
+CONNECTOR_COLUMNS = (
+    "id, host_id, type, name, priority, is_verified, config_key_id, config_sealed, created_at, updated_at"
+)
+
+
+def _copy(conn: psycopg.Connection, hosts: Sequence[Host], now: datetime, connectors: Iterable[tuple]) -> None:
+    """COPY the Hosts, then the connectors (tuples in CONNECTOR_COLUMNS order), and commit."""
     with conn.cursor() as cursor:
         with cursor.copy("COPY hosts (id, will_active, created_at, updated_at) FROM STDIN") as copy:
             for host in hosts:
                 copy.write_row((host.id, False, now, now))
-        columns = "id, host_id, type, name, priority, is_verified, config_key_id, config_sealed, created_at, updated_at"
-        with cursor.copy(f"COPY connectors ({columns}) FROM STDIN") as copy:
-            for host in hosts:
-                for index in range(connectors_each):
-                    connector_id = uuid.uuid4()
-                    host.connector_ids.append(connector_id)
-                    kind = TYPES[index % len(TYPES)]
-                    created = now - timedelta(seconds=connectors_each - index)
-                    copy.write_row(
-                        (
-                            connector_id,
-                            host.id,
-                            kind,
-                            f"{kind} connector {index}",
-                            index % 3,
-                            index % 2 == 0,
-                            "bench",
-                            SEALED_PLACEHOLDER,
-                            created,
-                            created,
-                        )  # fmt: skip
-                    )
+        with cursor.copy(f"COPY connectors ({CONNECTOR_COLUMNS}) FROM STDIN") as copy:
+            for row in connectors:
+                copy.write_row(row)
     conn.commit()
+
+
+def insert_hosts(conn: psycopg.Connection, hosts: Sequence[Host], connectors_each: int) -> None:
+    """Insert the Hosts and `connectors_each` connectors for each, as the migrations' tables hold them."""
+    now = _naive_utc()
+
+    def connectors() -> Iterator[tuple]:
+        for host in hosts:
+            for index in range(connectors_each):
+                connector_id = uuid.uuid4()
+                host.connector_ids.append(connector_id)
+                kind = TYPES[index % len(TYPES)]
+                created = now - timedelta(seconds=connectors_each - index)
+                yield (connector_id, host.id, kind, f"{kind} connector {index}", index % 3, index % 2 == 0,
+                       "bench", SEALED_PLACEHOLDER, created, created)  # fmt: skip
+
+    _copy(conn, hosts, now, connectors())
 
 
 def insert_sealed_connectors(
@@ -98,24 +100,19 @@ def insert_sealed_connectors(
     keyring = Keyring(bytes.fromhex(master_key_hex))
     now = _naive_utc()
     ids: list[uuid.UUID] = []
-    with conn.cursor() as cursor:
-        with cursor.copy("COPY hosts (id, will_active, created_at, updated_at) FROM STDIN") as copy:
-            for host in hosts:
-                copy.write_row((host.id, False, now, now))
-        columns = "id, host_id, type, name, priority, is_verified, config_key_id, config_sealed, created_at, updated_at"
-        with cursor.copy(f"COPY connectors ({columns}) FROM STDIN") as copy:
-            for host in hosts:
-                for index in range(each):
-                    connector_id = uuid.uuid4()
-                    sealed = keyring.seal(host.id, connector_id, config)
-                    created = now - timedelta(seconds=each - index)
-                    copy.write_row(
-                        (connector_id, host.id, connector_type, f"{connector_type} {index}", 0, False,
-                         sealed.key_id, sealed.ciphertext, created, created)
-                    )  # fmt: skip
-                    host.connector_ids.append(connector_id)
-                    ids.append(connector_id)
-    conn.commit()
+
+    def connectors() -> Iterator[tuple]:
+        for host in hosts:
+            for index in range(each):
+                connector_id = uuid.uuid4()
+                sealed = keyring.seal(host.id, connector_id, config)
+                created = now - timedelta(seconds=each - index)
+                host.connector_ids.append(connector_id)
+                ids.append(connector_id)
+                yield (connector_id, host.id, connector_type, f"{connector_type} {index}", 0, False,
+                       sealed.key_id, sealed.ciphertext, created, created)  # fmt: skip
+
+    _copy(conn, hosts, now, connectors())
     return ids
 
 
