@@ -5,15 +5,21 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import event
 from werkzeug.test import TestResponse
 
 from app import create_app
+from app.extensions import db
 from tests.conftest import TEST_REDIS_URL, USES_REDIS, Host
 
 DESTINATIONS = {
@@ -45,6 +51,42 @@ def sibling_app(app: Flask, tmp_path: Path, **env: str) -> Flask:
     sibling = create_app(env=sibling_env)
     sibling.config["SIBLING_ENV"] = sibling_env
     return sibling
+
+
+@dataclass
+class DatabaseWork:
+    """What this thread sent to the database: each statement with whether it ran in autocommit, and whether
+    each connection it handed back to the pool was left in autocommit."""
+
+    statements: list[tuple[str, bool]] = field(default_factory=list)
+    checked_in: list[bool] = field(default_factory=list)
+
+
+@contextmanager
+def database_work(app: Flask) -> Iterator[DatabaseWork]:
+    """Record the database work of this thread only: the test client answers in it, while an embedded worker
+    shares the engine from its own threads."""
+    with app.app_context():
+        engine = db.engine
+    autocommit = engine.dialect.detect_autocommit_setting
+    this_thread = threading.get_ident()
+    work = DatabaseWork()
+
+    def on_execute(conn, _cursor, statement, _params, _context, _many):  # type: ignore[no-untyped-def]
+        if threading.get_ident() == this_thread:
+            work.statements.append((statement, autocommit(conn.connection.dbapi_connection)))
+
+    def on_checkin(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        if threading.get_ident() == this_thread:
+            work.checked_in.append(autocommit(dbapi_connection))
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(engine, "checkin", on_checkin)
+    try:
+        yield work
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+        event.remove(engine, "checkin", on_checkin)
 
 
 def closed_port() -> int:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import threading
 import uuid
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
-from app.extensions import db
 from tests.conftest import SECRET_VALUES, config_for, create_connector, new_host, service_headers
+from tests.support import database_work
 
 FIELDS = {"id", "type", "name", "is_verified", "priority", "created_at"}
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
@@ -313,36 +312,14 @@ def test_the_list_is_one_statement_outside_a_transaction_and_hands_back_a_transa
     # and ROLLBACK around it; the connection goes back to the pool transactional, for the writes that lock.
     create_connector(client, host, "email")
     create_connector(client, host, "sms")
-    with app.app_context():
-        engine = db.engine
-    autocommit = engine.dialect.detect_autocommit_setting
-    statements: list[tuple[str, bool]] = []
-    returned: list[bool] = []
-
-    # The test client answers in this thread; an embedded worker shares the engine from its own threads.
-    this_thread = threading.get_ident()
-
-    def on_execute(conn, _cursor, statement, _params, _context, _many):  # type: ignore[no-untyped-def]
-        if threading.get_ident() == this_thread:
-            statements.append((statement, autocommit(conn.connection.dbapi_connection)))
-
-    def on_checkin(dbapi_connection, _record):  # type: ignore[no-untyped-def]
-        if threading.get_ident() == this_thread:
-            returned.append(autocommit(dbapi_connection))
-
-    event.listen(engine, "before_cursor_execute", on_execute)
-    event.listen(engine, "checkin", on_checkin)
-    try:
+    with database_work(app) as work:
         answer = client.get("/api/connectors", headers=host.headers)
-    finally:
-        event.remove(engine, "before_cursor_execute", on_execute)
-        event.remove(engine, "checkin", on_checkin)
     assert [c["type"] for c in answer.get_json()["connectors"]] == ["email", "sms"]
-    assert len(statements) == 1, statements
-    statement, in_autocommit = statements[0]
+    assert len(work.statements) == 1, work.statements
+    statement, in_autocommit = work.statements[0]
     assert statement.lstrip().upper().startswith("SELECT") and in_autocommit
     assert "config_sealed" not in statement and "config_key_id" not in statement
-    assert returned == [False]
+    assert work.checked_in == [False]
 
 
 def test_create_is_limited_to_10_per_hour_per_host(client, host):

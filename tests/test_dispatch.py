@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -12,10 +11,10 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import event, text
+from sqlalchemy import text
 
-from app.extensions import db
 from tests.conftest import Host, create_connector, make_token, service_headers
+from tests.support import database_work
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -279,21 +278,8 @@ def test_the_list_is_newest_first_with_each_messages_attempts_read_in_one_query(
     for message_id in sent:
         assert wait_final(app, client, message_id)["status"] == "delivered"
 
-    with app.app_context():
-        engine = db.engine
-    statements: list[str] = []
-
-    this_thread = threading.get_ident()  # the test client's; the embedded worker runs in its own threads
-
-    def on_execute(_conn, _cursor, statement, _params, _context, _many):  # type: ignore[no-untyped-def]
-        if threading.get_ident() == this_thread:
-            statements.append(statement)
-
-    event.listen(engine, "before_cursor_execute", on_execute)
-    try:
+    with database_work(app) as work:
         listed = client.get(f"/api/internal/hosts/{host.id}/messages", headers=service_headers())
-    finally:
-        event.remove(engine, "before_cursor_execute", on_execute)
     assert listed.status_code == 200, listed.get_json()
     messages = listed.get_json()["messages"]
     assert [m["id"] for m in messages] == sent[::-1]
@@ -301,7 +287,7 @@ def test_the_list_is_newest_first_with_each_messages_attempts_read_in_one_query(
         assert shown == message(client, shown["id"])  # the same view as one message, attempts included
         [attempt] = shown["attempts"]
         assert attempt["status"] == "sent"
-    assert len(statements) == 3, statements  # the Host, the page, every attempt of the page
+    assert len(work.statements) == 3, work.statements  # the Host, the page, every attempt of the page
 
     page = client.get(f"/api/internal/hosts/{host.id}/messages?limit=2&status=delivered", headers=service_headers())
     assert [m["id"] for m in page.get_json()["messages"]] == sent[:0:-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import uuid
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from flask import current_app
 from marshmallow import ValidationError
@@ -71,12 +71,19 @@ def list_connectors(host_id: uuid.UUID) -> list[Connector]:
     return list(db.session.scalars(_LIST, {"host_id": host_id}))
 
 
-def get_connector(host_id: uuid.UUID, connector_id: uuid.UUID, *, lock: bool = False) -> Connector:
-    """The Host's connector; another Host's is as unknown as a missing one. With `lock`, its row is locked
-    until the caller's transaction ends (on PostgreSQL, one deleted meanwhile is then not found)."""
-    # FOR NO KEY UPDATE: it holds off other writers of the row, not the inserts of attempts that refer to it.
-    for_update = {"key_share": True} if lock else None
-    connector = db.session.get(Connector, connector_id, with_for_update=for_update, populate_existing=lock)
+# Row locks of get_connector: "write" (FOR NO KEY UPDATE) holds off other writers of the row, not the inserts
+# of attempts that refer to it; "delete" (FOR UPDATE) holds off those too.
+_ROW_LOCKS: dict[str, Any] = {"write": {"key_share": True}, "delete": True}
+
+
+def get_connector(
+    host_id: uuid.UUID, connector_id: uuid.UUID, *, lock: Literal["write", "delete"] | None = None
+) -> Connector:
+    """The Host's connector; another Host's is as unknown as a missing one. With `lock`, its row is read
+    locked until the caller's transaction ends (on PostgreSQL, one deleted meanwhile is then not found)."""
+    connector = db.session.get(
+        Connector, connector_id, with_for_update=_ROW_LOCKS[lock] if lock else None, populate_existing=lock is not None
+    )
     if connector is None or connector.host_id != host_id:
         raise NotFoundError("Connector not found")
     return connector
@@ -144,7 +151,7 @@ def create_connector(host_id: uuid.UUID, data: dict[str, Any]) -> Connector:
 def update_connector(host_id: uuid.UUID, connector_id: uuid.UUID, data: dict[str, Any]) -> Connector:
     # Locked from the start: a delete at the same moment goes first or after, never halfway (a 404, or the
     # update then the delete), and the row lock comes before the events' lock, as everywhere.
-    connector = get_connector(host_id, connector_id, lock=True)
+    connector = get_connector(host_id, connector_id, lock="write")
     unverified = False
     if "type" in data and data["type"] != connector.type:
         raise InvalidError("The type of a connector cannot change", errors={"json": {"type": ["Cannot change."]}})
@@ -177,12 +184,11 @@ def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
     # Lock first, read after: every read below sees what the last delete committed.
     lock_host(host_id)
     try:
-        connector = get_connector(host_id, connector_id)
+        # Then the connector, before its attempts (the delete sets their connector_id NULL): see `lock_for_verdict`.
+        connector = get_connector(host_id, connector_id, lock="delete")
     except NotFoundError:
         db.session.rollback()
         raise
-    # Then the connector, before its attempts (the delete sets their connector_id NULL): see `lock_for_verdict`.
-    db.session.execute(select(Connector.id).where(Connector.id == connector_id).with_for_update())
     host = db.session.get(Host, host_id, populate_existing=True)
     remaining = db.session.scalar(select(func.count()).select_from(Connector).where(Connector.host_id == host_id))
     if host is not None and host.will_active and remaining <= 1:
