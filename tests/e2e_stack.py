@@ -226,14 +226,31 @@ class Stack:
             _signal_group(popen.pid, signal.SIGKILL)
             popen.wait(timeout=10)
         _signal_group(popen.pid, signal.SIGKILL)  # whatever of the group outlived its leader
-        _wait_group_gone(popen.pid)
+        self._wait_gone(process, popen.pid)
 
     def kill(self, process: str) -> None:
         """SIGKILL the process's whole group at once: no shutdown, no goodbye to the broker or the database."""
         popen = self.processes.pop(process)
         _signal_group(popen.pid, signal.SIGKILL)
         popen.wait(timeout=10)
-        _wait_group_gone(popen.pid)
+        self._wait_gone(process, popen.pid)
+
+    def _wait_gone(self, process: str, pgid: int, seconds: float = 10) -> None:
+        """Until every thread of the group is gone and, for a worker on Redis, until Redis has let go of every
+        consumer blocked on the stack's db: a BRPOP a dead worker left pending would take the next job published."""
+        deadline = time.monotonic() + seconds
+        while _group_alive(pgid):
+            assert time.monotonic() < deadline, f"process group {pgid} still running {seconds:g} s after SIGKILL"
+            time.sleep(0.02)
+        if process != "worker" or not self.uses_redis:
+            return
+        client = redis.Redis.from_url(self.env["REDIS_URL"])
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        # The web's readiness check also waits on a reply queue for up to a second; that one ends by itself.
+        while blocked := [c for c in client.client_list() if int(c["db"]) == db and "b" in c["flags"]]:
+            assert time.monotonic() < deadline, f"Redis still has consumers blocked on db {db}: {blocked}"
+            time.sleep(0.02)
+        client.close()
 
     def stop_all(self) -> None:
         for process in list(self.processes):
@@ -321,8 +338,10 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    """Whether a process of the group is still running (zombies aside: a container's PID 1 may never reap)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    """Whether a thread of the group is still running, not only `sh` (zombies aside: a container's PID 1 may
+    never reap). Threads count: a leader that has exited is a zombie while its other threads are still being
+    torn down, and those still hold the process's sockets open."""
+    for stat in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
         try:
             state, _ppid, pgrp = stat.read_text().rpartition(")")[2].split()[:3]
         except (OSError, ValueError):
@@ -330,15 +349,6 @@ def _group_alive(pgid: int) -> bool:
         if int(pgrp) == pgid and state not in ("Z", "X"):
             return True
     return False
-
-
-def _wait_group_gone(pgid: int, seconds: float = 10) -> None:
-    """Until every process of the group is gone, not only `sh`: a worker still dying keeps its connections, and
-    a Redis BRPOP it left pending would take the next job published."""
-    deadline = time.monotonic() + seconds
-    while _group_alive(pgid):
-        assert time.monotonic() < deadline, f"process group {pgid} still running {seconds:g} s after SIGKILL"
-        time.sleep(0.02)
 
 
 def base_env(instance: Path, providers: E2EPeers) -> dict[str, str]:

@@ -146,8 +146,11 @@ def test_jobs_lost_with_the_broker_are_recovered_by_the_sweep_once_each_and_an_e
         assert {item["status"] for item in [*created, otp]} == {"queued"}
         time.sleep(max(0.0, otp_sent_at + 5.2 - time.monotonic()))  # the OTP expires with no worker running
         lost = flush_broker(stack)
-        for item in [*created, otp]:  # each message's first job was in the broker, and is gone
-            assert any(item["id"] in job and "dispatch.advance" in job for job in lost), (item["id"], lost)
+        for number, item in enumerate([*created, otp]):  # each message's first job was in the broker, and is gone
+            assert any(item["id"] in job and "dispatch.advance" in job for job in lost), (
+                f"message {number} ({item['id']}) has no job among {len(lost)} in the broker:\n"
+                f"{stack.output('web', 'worker')[-8000:]}"
+            )
     # The worker is back: only the sweep knows of these messages now.
     finals = [wait_final(stack, item["id"]) for item in created]
     expired = wait_final(stack, otp["id"])
