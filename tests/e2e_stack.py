@@ -216,34 +216,30 @@ class Stack:
             )
 
     def stop(self, process: str, grace: float = 20) -> None:
+        """SIGTERM to the whole group, as a platform stops a dyno, and SIGKILL to what is left after `grace`.
+        The group, not `sh`: `sh -c` dies at once, while the program it started shuts down in its own time."""
         popen = self.processes.pop(process, None)
         if popen is None:
             return
         _signal_group(popen.pid, signal.SIGTERM)
-        try:
-            popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
+        if not _group_exited(popen.pid, grace):
             _signal_group(popen.pid, signal.SIGKILL)
-            popen.wait(timeout=10)
-        _signal_group(popen.pid, signal.SIGKILL)  # whatever of the group outlived its leader
-        self._wait_gone(process, popen.pid)
+        self._wait_gone(process, popen)
 
     def kill(self, process: str) -> None:
         """SIGKILL the process's whole group at once: no shutdown, no goodbye to the broker or the database."""
         popen = self.processes.pop(process)
         _signal_group(popen.pid, signal.SIGKILL)
-        popen.wait(timeout=10)
-        self._wait_gone(process, popen.pid)
+        self._wait_gone(process, popen)
 
-    def _wait_gone(self, process: str, pgid: int, seconds: float = 10) -> None:
+    def _wait_gone(self, process: str, popen: subprocess.Popen, seconds: float = 10) -> None:
         """Until every thread of the group is gone and, for a worker on Redis, until Redis has let go of every
         consumer blocked on the stack's db: a BRPOP a dead worker left pending would take the next job published."""
-        deadline = time.monotonic() + seconds
-        while _group_alive(pgid):
-            assert time.monotonic() < deadline, f"process group {pgid} still running {seconds:g} s after SIGKILL"
-            time.sleep(0.02)
+        popen.wait(timeout=seconds)
+        assert _group_exited(popen.pid, seconds), f"process group {popen.pid} still running {seconds:g} s after SIGKILL"
         if process != "worker" or not self.uses_redis:
             return
+        deadline = time.monotonic() + seconds
         client = redis.Redis.from_url(self.env["REDIS_URL"])
         db = client.connection_pool.connection_kwargs.get("db", 0)
         # The web's readiness check also waits on a reply queue for up to a second; that one ends by itself.
@@ -349,6 +345,15 @@ def _group_alive(pgid: int) -> bool:
         if int(pgrp) == pgid and state not in ("Z", "X"):
             return True
     return False
+
+
+def _group_exited(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _group_alive(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def base_env(instance: Path, providers: E2EPeers) -> dict[str, str]:
