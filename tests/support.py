@@ -1,4 +1,4 @@
-"""Helpers several test modules share: sending a test, a sibling app, a closed port, a database id."""
+"""Helpers several test modules share: sending a test, a periodic task, a sibling app, a closed port, a database id."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
@@ -136,6 +137,11 @@ def wait_for_worker(flask_app: Flask, process: subprocess.Popen, log_path: Path,
     deadline = time.monotonic() + seconds
     while not flask_app.extensions["celery"].control.ping(timeout=0.5):
         assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+
+
+def run_periodic(app: Flask, task: str) -> Any:
+    """What Celery beat runs on its schedule (the sweep, the check scheduling), through the worker."""
+    return app.extensions["celery"].signature(task, queue="dispatch").apply_async().get(timeout=20)
 
 
 def attempt_statuses(http: FlaskClient, host: Host, connector_id: str) -> list[str]:

@@ -6,11 +6,10 @@ import time
 from typing import Any
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.conftest import Host, Peers, config_for, create_connector, service_headers
-from tests.support import DESTINATIONS, send_test
+from tests.support import DESTINATIONS, run_periodic, send_test
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -22,11 +21,6 @@ def verify(client: FlaskClient, host: Host, connector_id: str) -> Any:
 def is_verified(client: FlaskClient, host: Host, connector_id: str) -> bool:
     listed = client.get("/api/connectors", headers=host.headers).get_json()["connectors"]
     return next(c["is_verified"] for c in listed if c["id"] == connector_id)
-
-
-def run_periodic(app: Flask, task: str) -> Any:
-    """What Celery beat runs on its schedule, through the worker."""
-    return app.extensions["celery"].signature(task, queue="dispatch").apply_async().get(timeout=20)
 
 
 def delivered_anything(peers: Peers) -> bool:

@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from tests.conftest import Host, create_connector, make_token, service_headers
-from tests.support import database_work
+from tests.support import database_work, run_periodic
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -35,8 +35,8 @@ def message(client: FlaskClient, message_id: str) -> dict[str, Any]:
 
 
 def sweep(app: Flask) -> None:
-    """What Celery beat runs every SWEEP_INTERVAL, through the worker."""
-    app.extensions["celery"].signature("dispatch.sweep", queue="dispatch").apply_async().get(timeout=20)
+    """What Celery beat runs every SWEEP_INTERVAL."""
+    run_periodic(app, "dispatch.sweep")
 
 
 def wait_final(app: Flask, client: FlaskClient, message_id: str, seconds: float = 20) -> dict[str, Any]:
