@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from app import create_app
 from app.channels import base
 from app.channels.base import OutgoingMessage
 from app.messages.service import SendJob, finish_send
@@ -227,3 +228,32 @@ def test_the_sweep_leaves_an_attempt_a_delete_holds_to_the_next_sweep_and_closes
     engine.dispose()
     run_periodic(app, "dispatch.sweep")
     assert attempt_statuses(client, host, deleted["id"]) == ["unknown"]
+
+
+@pytest.mark.skipif(not TEST_DATABASE_URL, reason="PostgreSQL row locks (SQLite has one writer at a time)")
+def test_re_sealing_does_not_wait_for_an_attempt_being_created_on_the_connector(app, client, host, service_env):
+    # An attempt's insert holds its connector's key (FOR KEY SHARE) until it commits; re-sealing writes only the
+    # sealed config (FOR NO KEY UPDATE), so neither waits for the other, nor closes a circle with what it holds.
+    connector = create_connector(client, host, "email")
+    rotated = create_app(env={**service_env, "MASTER_KEY": "44" * 32, "OLD_MASTER_KEYS": service_env["MASTER_KEY"]})
+    engine = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    answer: dict = {}
+    with engine.connect() as creating:  # a test or check attempt being created, not committed yet
+        creating.execute(
+            text(
+                "INSERT INTO delivery_attempts (id, connector_id, connector_type, kind, status, created_at) "
+                "VALUES (:id, :connector, 'email', 'check', 'pending', :at)"
+            ),
+            {"id": uuid.uuid4(), "connector": connector["id"], "at": utcnow()},
+        )
+        resealing = threading.Thread(
+            target=lambda: answer.update(result=rotated.test_cli_runner().invoke(args=["reseal-configs"]))
+        )
+        resealing.start()
+        resealing.join(10)
+        waited = resealing.is_alive()
+        creating.rollback()
+    resealing.join(15)
+    engine.dispose()
+    assert not waited, "re-sealing waited for the attempt's insert"
+    assert answer["result"].exit_code == 0 and "re-sealed 1 connector(s)" in answer["result"].output
