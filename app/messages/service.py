@@ -231,13 +231,15 @@ class SendJob:
 
 def _lock(message_id: uuid.UUID, *conditions: Any) -> Message | None:
     """The unfinished message, with its row locked until commit (a write takes the row lock on PostgreSQL and
-    the write lock on SQLite alike), or None (the caller ends its transaction)."""
-    locked = db.session.execute(
+    the write lock on SQLite alike), or None (the caller ends its transaction). One round trip: the ORM loads
+    the row the UPDATE returns."""
+    return db.session.scalars(
         update(Message)
         .where(Message.id == message_id, Message.status.in_(IN_FLIGHT), *conditions)
         .values(updated_at=utcnow())
-    ).rowcount
-    return db.session.get(Message, message_id, populate_existing=True) if locked else None
+        .returning(Message),
+        execution_options={"populate_existing": True},
+    ).first()
 
 
 def _finish(message: Message, status: str, now: datetime, via: tuple[uuid.UUID, str] | None = None) -> None:
