@@ -337,13 +337,20 @@ def _group_alive(pgid: int) -> bool:
     """Whether a thread of the group is still running, not only `sh` (zombies aside: a container's PID 1 may
     never reap). Threads count: a leader that has exited is a zombie while its other threads are still being
     torn down, and those still hold the process's sockets open."""
-    for stat in Path("/proc").glob("[0-9]*/task/[0-9]*/stat"):
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
         try:
-            state, _ppid, pgrp = stat.read_text().rpartition(")")[2].split()[:3]
-        except (OSError, ValueError):
+            tasks = list((process / "task").iterdir())
+        except OSError:
             continue  # gone meanwhile
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            return True
+        for task in tasks:
+            try:
+                state, _ppid, pgrp = (task / "stat").read_text().rpartition(")")[2].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if int(pgrp) == pgid and state not in ("Z", "X"):
+                return True
     return False
 
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -221,7 +222,10 @@ def test_the_sweep_leaves_an_attempt_a_delete_holds_to_the_next_sweep_and_closes
             )
     with engine.connect() as deleting:
         deleting.execute(text("DELETE FROM connectors WHERE id = :c"), {"c": deleted["id"]})  # not committed yet
-        run_periodic(app, "dispatch.sweep")  # within its 20 s: it did not wait for the delete
+        try:
+            run_periodic(app, "dispatch.sweep")
+        except CeleryTimeoutError:
+            pytest.fail("the sweep waited for the attempt the delete holds")
         assert attempt_statuses(client, host, kept["id"]) == ["unknown"]
         assert attempt_statuses(client, host, deleted["id"]) == ["sending"]  # held: left as it was
         deleting.rollback()  # the delete gave up after all
@@ -256,4 +260,5 @@ def test_re_sealing_does_not_wait_for_an_attempt_being_created_on_the_connector(
     resealing.join(15)
     engine.dispose()
     assert not waited, "re-sealing waited for the attempt's insert"
-    assert answer["result"].exit_code == 0 and "re-sealed 1 connector(s)" in answer["result"].output
+    result = answer["result"]
+    assert result.exit_code == 0 and "re-sealed 1 connector(s)" in result.output, (result.output, result.exception)
