@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -48,6 +47,7 @@ from tests.conftest import (
     make_token,
 )
 from tests.peers import SmtpPeer, TelegramPeer, TwilioPeer, WhatsAppPeer, free_port
+from tests.support import E2E_REDIS_DB_OFFSET, shifted_redis_url
 
 ROOT = Path(__file__).resolve().parent.parent
 PROCFILE = ROOT / "Procfile"
@@ -59,9 +59,6 @@ TEST_DELIVERY_TIMEOUT = 4
 PROVIDER_TIMEOUT = 1  # unless the module's STACK_ENV says otherwise; a dispatch attempt's lease is twice this
 SWEEP_INTERVAL = 0.5
 TEST_WAITS_PER_PROCESS = 8
-# The stack's Redis db is TEST_REDIS_URL's plus this (minus, past db 15): never the db of the in-process tests'
-# worker, and runs that use different TEST_REDIS_URL dbs do not share (nor flush) each other's.
-E2E_REDIS_DB_OFFSET = 7
 
 JWT_SECRET = "e2e-jwt-secret-" + "k3" * 20
 MASTER_KEY = "5a" * 32
@@ -413,17 +410,6 @@ def _admin_engine(url: str) -> Any:
     return create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT")
 
 
-def _redis_url_with_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
-
-
-def e2e_redis_url(url: str) -> str:
-    current_db = int(urlsplit(url).path.strip("/") or "0")
-    shifted = current_db + E2E_REDIS_DB_OFFSET
-    return _redis_url_with_db(url, shifted if shifted <= 15 else current_db - E2E_REDIS_DB_OFFSET)
-
-
 @pytest.fixture(scope="module", params=["postgres_redis", "embedded"])
 def stack(
     request: pytest.FixtureRequest, e2e_peers: E2EPeers, tmp_path_factory: pytest.TempPathFactory
@@ -444,7 +430,7 @@ def stack(
             conn.execute(text(f'CREATE DATABASE "{db_name}"'))
         admin.dispose()
         env["DATABASE_URL"] = f"{TEST_DATABASE_URL.rpartition('/')[0]}/{db_name}"
-        env["REDIS_URL"] = e2e_redis_url(TEST_REDIS_URL)
+        env["REDIS_URL"] = shifted_redis_url(TEST_REDIS_URL, E2E_REDIS_DB_OFFSET)
 
     started = Stack(kind, env, logs, uses_redis=kind == "postgres_redis")
     try:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from flask import Flask
 from flask.testing import FlaskClient
@@ -39,6 +40,18 @@ def send_test(
     )
 
 
+# The Redis dbs a run uses besides TEST_REDIS_URL's own, as offsets from it (modulo 16): the end-to-end stacks'
+# and the sibling apps' brokers (README, "Run the tests"). Never the in-process worker's db, and two runs whose
+# TEST_REDIS_URL dbs are 1 to 3 apart share (and flush) none of each other's.
+E2E_REDIS_DB_OFFSET, SIBLING_REDIS_DB_OFFSET = 7, 11
+
+
+def shifted_redis_url(url: str, offset: int) -> str:
+    parts = urlsplit(url)
+    db = (int(parts.path.strip("/") or "0") + offset) % 16
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
 def sibling_app(app: Flask, tmp_path: Path, **env: str) -> Flask:
     """An app on the same database with its own broker (another folder, or another Redis db)."""
     sibling_env = {
@@ -48,7 +61,7 @@ def sibling_app(app: Flask, tmp_path: Path, **env: str) -> Flask:
         **env,
     }
     if USES_REDIS and "REDIS_URL" not in env:
-        sibling_env["REDIS_URL"] = TEST_REDIS_URL.rsplit("/", 1)[0] + "/9"
+        sibling_env["REDIS_URL"] = shifted_redis_url(TEST_REDIS_URL, SIBLING_REDIS_DB_OFFSET)
     sibling = create_app(env=sibling_env)
     sibling.config["SIBLING_ENV"] = sibling_env
     return sibling
