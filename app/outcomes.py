@@ -56,5 +56,11 @@ class Outcome:
     error_code: str | None = None
     details: dict[str, str] | None = None  # a check's public facts (the bot's @username, the SMTP greeting)
 
+    @property
+    def is_verdict(self) -> bool:
+        """Whether it says something of the channel: a success, or a failure the provider or settings caused
+        (our own failures leave is_verified be)."""
+        return self.success or self.error_code in PROVIDER_CAUSED
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -100,7 +100,7 @@ def lock_for_verdict(connector_id: uuid.UUID) -> None:
     Writers lock in one order: the Host, the message, the connector, its attempts, and last the events' lock
     (see `emit`). A delete locks the connector, then its attempts (their connector_id is set NULL); a send
     recorded attempt-first would wait for the connector while holding what the delete waits for."""
-    db.session.execute(select(Connector.id).where(Connector.id == connector_id).with_for_update(key_share=True))
+    db.session.execute(select(Connector.id).where(Connector.id == connector_id).with_for_update(**_ROW_LOCKS["write"]))
 
 
 def record_verdict(

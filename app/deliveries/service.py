@@ -43,7 +43,7 @@ from app.errors import (
 from app.events.service import announce
 from app.extensions import db
 from app.logs import request_id_var
-from app.outcomes import BROKER_UNAVAILABLE, PROVIDER_CAUSED, WORKER_ERROR, Outcome
+from app.outcomes import BROKER_UNAVAILABLE, WORKER_ERROR, Outcome
 from app.outcomes import TIMEOUT as TIMEOUT_CODE
 from app.outcomes import UNKNOWN as UNKNOWN_CODE
 from app.timeutil import utcnow
@@ -310,7 +310,7 @@ def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
 def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
     """Record the outcome; the provider's verdict decides is_verified, our own failures leave it be."""
     now = utcnow()
-    judged = job is not None and (outcome.success or outcome.error_code in PROVIDER_CAUSED)
+    judged = job is not None and outcome.is_verdict
     if judged:
         lock_for_verdict(job.connector_id)
     db.session.execute(

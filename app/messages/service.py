@@ -44,7 +44,7 @@ from app.messages.models import (
     SENDING,
     Message,
 )
-from app.outcomes import PERMANENT, PROVIDER_CAUSED, WORKER_ERROR, Outcome
+from app.outcomes import PERMANENT, WORKER_ERROR, Outcome
 from app.outcomes import UNKNOWN as UNKNOWN_CODE
 from app.timeutil import utcnow
 
@@ -401,8 +401,7 @@ def finish_send(job: SendJob, outcome: Outcome, retry_after: float | None = None
     """Record the outcome; True when the message still needs a next step."""
     now = utcnow()
     message = _lock(job.message_id)  # first, as advance does: the same lock order everywhere
-    judged = outcome.success or outcome.error_code in PROVIDER_CAUSED
-    if judged:
+    if outcome.is_verdict:
         lock_for_verdict(job.connector_id)
     db.session.execute(
         update(DeliveryAttempt)
@@ -415,7 +414,7 @@ def finish_send(job: SendJob, outcome: Outcome, retry_after: float | None = None
             finished_at=now,
         )
     )
-    if judged:
+    if outcome.is_verdict:
         record_verdict(job.connector_id, job.sealed, outcome.success, outcome.error_code, outcome.message)
     if message is None:  # already final (expired meanwhile, or delivered through another channel)
         db.session.commit()
