@@ -4,3 +4,4 @@ from app.boot import app_or_exit
 
 flask_app = app_or_exit()
 celery_app = flask_app.extensions["celery"]
+celery_app.conf.include = ["worker.tasks"]  # the tasks live in the worker only; the web sends them by name

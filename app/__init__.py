@@ -14,7 +14,7 @@ from sqlalchemy import event
 
 from app.config import load_settings
 from app.crypto import Keyring
-from app.errors import ErrorEnvelopeSchema, register_error_handlers
+from app.errors import register_error_handlers
 from app.extensions import api, db, init_extensions, jwt
 from app.logs import configure_logging, init_request_logging
 from app.queues import celery_settings, redis_client_options
@@ -60,7 +60,6 @@ def create_app(overrides: dict[str, Any] | None = None, env: dict[str, str] | No
     configure_logging(app.config["LOG_LEVEL"])
 
     Path(app.instance_path).mkdir(parents=True, exist_ok=True)
-    api.ERROR_SCHEMA = ErrorEnvelopeSchema  # every documented error, flask-smorest's own 400 and default too
     init_extensions(app)
     with app.app_context():
         if db.engine.dialect.name == "sqlite":
@@ -105,11 +104,10 @@ def celery_init_app(app: Flask) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
+    # The web sends jobs by name (`app.queues`) and never loads the tasks: only `celery_app.py`, the worker's and
+    # beat's entry point, includes `worker.tasks`.
     celery = Celery(app.name, task_cls=FlaskTask)
     celery.config_from_object(app.config["CELERY"])
-    # The tasks named in `include` are registered in this process too, so the web enqueues through the same
-    # task objects (and argument checks) the worker runs.
-    celery.loader.import_default_modules()
     app.extensions["celery"] = celery
     return celery
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, current_app, jsonify
 from flask_jwt_extended import JWTManager
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields
@@ -15,10 +16,10 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from app.extensions import db
 from app.outcomes import ERROR_CODES
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Extra keys an `abort(...)` may add to the envelope (the 502 of a failed test delivery uses them).
 EXTRA_KEYS = ("success", "error_code")
@@ -141,11 +142,28 @@ def handle_service_error(error: ServiceError) -> Response:
 
 def discard_session() -> None:
     """Drop the request's database session after the database failed under it; never raises."""
+    session = current_app.extensions["sqlalchemy"].session
     try:
-        db.session.remove()
+        session.remove()
     except Exception as exc:  # the rollback on a dead connection fails too; the pool replaces it
         log.warning("discarded a database session: %s", type(exc).__name__)
-        db.session.registry.clear()
+        session.registry.clear()
+
+
+def with_database_retry(what: str, call: Callable[[], T], seconds: float) -> T:
+    """`call()`, tried again while the database cannot be reached, for up to `seconds`; each failure logged."""
+    give_up = time.monotonic() + seconds
+    pause = 0.2
+    while True:
+        try:
+            return call()
+        except DATABASE_DOWN as exc:
+            discard_session()
+            if time.monotonic() + pause > give_up:
+                raise
+            log.warning("%s: the database is unavailable (%s), trying again in %.1f s", what, type(exc).__name__, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def handle_database_down(error: Exception) -> Response:
@@ -162,7 +180,7 @@ def handle_unexpected(error: Exception) -> Response:
 
 
 def register_error_handlers(app: Flask, jwt: JWTManager) -> None:
-    app.register_error_handler(HTTPException, handle_http_exception)
+    # HTTP errors (abort, 404, 405, 413, webargs' 400) are answered by the Api's `handle_http_exception`.
     app.register_error_handler(ServiceError, handle_service_error)
     for error in DATABASE_DOWN:
         app.register_error_handler(error, handle_database_down)

@@ -8,16 +8,20 @@ from typing import Any
 
 import flask_smorest
 from apispec.ext.marshmallow import MarshmallowPlugin, OpenAPIConverter
-from flask import Flask, Request, g
+from flask import Flask, Request, Response, g
 from flask_jwt_extended import JWTManager
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
-from flask_smorest import Api, abort
+from flask_smorest import abort
 from flask_sqlalchemy import SQLAlchemy
+from marshmallow import Schema
 from sqlalchemy import MetaData
 from sqlalchemy.orm import DeclarativeBase
+from webargs.core import parse_json
 from webargs.flaskparser import FlaskParser, is_json_request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from app.errors import ErrorEnvelopeSchema, handle_http_exception
 
 
 class Base(DeclarativeBase):
@@ -34,29 +38,27 @@ class Base(DeclarativeBase):
 
 
 class BadRequestParser(FlaskParser):
-    """The contract says validation errors are 400, not webargs' default 422."""
+    """The contract says validation errors are 400, not webargs' default 422; a body that is not a JSON object
+    within the size limit is a 400 or 413 that says which."""
 
     DEFAULT_VALIDATION_STATUS = 400
 
-    def _raw_load_json(self, req: Request) -> Any:
+    def load_json(self, req: Request, schema: Schema) -> Any:
         # webargs would treat a non-JSON body as absent and report missing fields; say what is wrong.
         if not is_json_request(req):
             abort(400, message="Content-Type must be application/json")
         # Read the body first: a chunked body has no Content-Length, and werkzeug stops reading it at
         # MAX_CONTENT_LENGTH without a word; more left to read is a 413, not bad JSON.
-        data = req.get_data(cache=True)
+        raw = req.get_data(cache=True)
         limit = req.max_content_length
-        if (
-            req.content_length is None
-            and limit is not None
-            and len(data) >= limit
-            and req.environ["wsgi.input"].read(1)
-        ):
+        if req.content_length is None and limit is not None and len(raw) >= limit and req.environ["wsgi.input"].read(1):
             raise RequestEntityTooLarge()
         try:
-            data = super()._raw_load_json(req)
+            data = parse_json(raw)
         except RecursionError:  # deeply nested JSON within the size limit
             abort(400, message="JSON body is nested too deeply")
+        except (json.JSONDecodeError, UnicodeDecodeError):  # before ValueError: they are ValueErrors too
+            abort(400, message="Request body is not JSON", messages={"json": ["Invalid JSON body."]})
         except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
             abort(400, message="JSON body holds a number too long to read")
         try:
@@ -90,6 +92,15 @@ class OneOfConverter(OpenAPIConverter):
 
 class SpecPlugin(MarshmallowPlugin):
     Converter = OneOfConverter
+
+
+class Api(flask_smorest.Api):
+    """flask-smorest's Api, answering and documenting every error with the service's one envelope."""
+
+    ERROR_SCHEMA = ErrorEnvelopeSchema  # documented for every status, flask-smorest's own 400 and default too
+
+    def handle_http_exception(self, error: HTTPException) -> Response:
+        return handle_http_exception(error)
 
 
 def rate_limit_key() -> str:

@@ -55,6 +55,7 @@ class Outcome:
     delivery_time_ms: int | None = None
     error_code: str | None = None
     details: dict[str, str] | None = None  # a check's public facts (the bot's @username, the SMTP greeting)
+    retry_after: float | None = None  # seconds the provider asked us to wait (a 429's Retry-After), if any
 
     @property
     def is_verdict(self) -> bool:

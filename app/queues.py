@@ -1,4 +1,8 @@
-"""Celery settings: Redis when REDIS_URL is set, otherwise an embedded transport that needs no server."""
+"""Celery settings, queues and the names of every job: Redis when REDIS_URL is set, otherwise an embedded
+transport that needs no server.
+
+The web and beat send jobs by these names and never import the tasks; `worker/tasks.py` defines a task for each.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
+from celery import Celery
 from flask import current_app
 from kombu import Exchange, Queue
 from kombu.transport import TRANSPORT_ALIASES, filesystem
@@ -64,6 +69,13 @@ FAIL_FAST = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "inter
 # Each connector type's sends and checks run on the type's own queue, so a slow provider holds up only its
 # own kind; deciding what a message does next, and the periodic sweep, run on this one.
 DISPATCH_QUEUE = "dispatch"
+
+# Every job, by name. Tests and checks run on the connector type's queue; the rest on `dispatch`.
+SEND_TEST = "deliveries.send_test"
+CHECK_CONNECTOR = "deliveries.check"
+ADVANCE_MESSAGE = "dispatch.advance"
+SEND_MESSAGE = "dispatch.send"
+DELIVER_EVENTS = "events.deliver"
 SWEEP = "dispatch.sweep"
 CHECK_SCHEDULE = "checks.schedule"
 
@@ -74,15 +86,19 @@ def queue_names() -> list[str]:
     return [*(kind.queue for kind in CHANNELS.values()), DISPATCH_QUEUE]
 
 
-def nudge(task_name: str, *args: Any, queue: str = DISPATCH_QUEUE) -> bool:
-    """Queue a job that only speeds up what the database already says must happen (the sweep would find it
-    later); False, logged, when the broker cannot take it."""
+def _send(celery: Celery, task_name: str, args: tuple[Any, ...], queue: str) -> bool:
     try:
-        current_app.extensions["celery"].signature(task_name, args=args, queue=queue).apply_async()
+        celery.send_task(task_name, args=args, queue=queue)
         return True
     except Exception as exc:  # kombu raises several types when the broker is down
         log.warning("could not queue %s: %s; the sweep will pick it up", task_name, type(exc).__name__)
         return False
+
+
+def nudge(task_name: str, *args: Any, queue: str = DISPATCH_QUEUE) -> bool:
+    """Queue a job that only speeds up what the database already says must happen (the sweep would find it
+    later); False, logged, when the broker cannot take it."""
+    return _send(current_app.extensions["celery"], task_name, args, queue)
 
 
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
@@ -97,7 +113,6 @@ def redis_client_options(settings: dict[str, Any]) -> dict[str, Any]:
 
 def celery_settings(settings: dict[str, Any], instance_path: Path) -> dict[str, Any]:
     common: dict[str, Any] = {
-        "include": ["worker.tasks"],
         "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in queue_names()],
         "task_default_queue": DISPATCH_QUEUE,
         "beat_schedule": {

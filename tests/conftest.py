@@ -197,6 +197,8 @@ def worker(app: Flask, service_env: dict[str, str], tmp_path_factory: pytest.Tem
 
     from celery.contrib.testing.worker import start_worker
 
+    import worker.tasks  # noqa: F401 - the worker's tasks, which the web never loads
+
     with start_worker(
         celery, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING", shutdown_timeout=30
     ) as in_process:

@@ -17,7 +17,8 @@ from sqlalchemy.exc import OperationalError
 from app import create_app
 from app.channels import base
 from app.channels.base import OutgoingMessage
-from app.messages.service import SendJob, finish_send
+from app.deliveries.jobs import Job
+from app.messages.dispatch import record_send
 from app.outcomes import Outcome
 from app.timeutil import utcnow
 from tests.conftest import TEST_DATABASE_URL, config_for, create_connector, new_host, service_headers
@@ -133,23 +134,24 @@ def test_a_send_being_recorded_waits_for_its_connector_before_it_holds_its_attem
             ),
             {"m": message_id, "c": connector["id"]},
         ).one()
-    job = SendJob(
+    job = Job(
         attempt_id=attempt_id,
-        message_id=uuid.UUID(message_id),
+        kind="message",
         connector_id=uuid.UUID(connector["id"]),
         connector_type="email",
         config={},
         sealed=sealed,
+        deadline=time.monotonic() + 300,
         destination="ana@example.org",
         message=OutgoingMessage(subject="s", text="t"),
-        expires_at=utcnow() + timedelta(minutes=5),
+        message_id=uuid.UUID(message_id),
     )
     errors: list[BaseException] = []
 
     def record() -> None:
         with app.app_context():
             try:
-                finish_send(job, Outcome(success=True, message="sent", delivery_time_ms=5))
+                record_send(job, Outcome(success=True, message="sent", delivery_time_ms=5))
             except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
                 errors.append(exc)
 

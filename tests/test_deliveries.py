@@ -358,7 +358,7 @@ def _stored_results(app) -> str:
 
 def test_an_attempt_is_claimed_once(app, client, host):
     from app.attempts import DeliveryAttempt
-    from app.deliveries.service import claim_attempt
+    from app.deliveries.jobs import claim_probe
     from app.extensions import db
 
     connector = create_connector(client, host, "telegram")
@@ -366,11 +366,12 @@ def test_an_attempt_is_claimed_once(app, client, host):
     with app.app_context():
         db.session.add(DeliveryAttempt(id=attempt_id, connector_id=uuid.UUID(connector["id"]), destination="***789"))
         db.session.commit()
-        job = claim_attempt(attempt_id)
+        deadline = time.monotonic() + 5
+        job = claim_probe(attempt_id, deadline)
         assert job is not None and str(job.connector_id) == connector["id"] and job.connector_type == "telegram"
         assert job.config["bot_token"] == config_for("telegram")["bot_token"]
-        assert claim_attempt(attempt_id) is None
-        assert claim_attempt(uuid.uuid4()) is None
+        assert claim_probe(attempt_id, deadline) is None
+        assert claim_probe(uuid.uuid4(), deadline) is None
 
 
 def test_a_job_celery_revoked_on_expiry_answers_timeout_at_once(app, client, host, peers):

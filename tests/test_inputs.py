@@ -13,9 +13,9 @@ import pytest
 
 from app.channels.base import DeliveryError, ProviderSettings
 from app.channels.email import EmailProvider
+from app.deliveries.jobs import TEST_MESSAGE
 from tests.conftest import config_for, create_connector
 from tests.support import DESTINATIONS, send_test
-from worker.tasks import TEST_MESSAGE
 
 
 def test_bodies_over_64_kib_are_413_json(client, host):

@@ -9,9 +9,9 @@ import pytest
 from app.channels.base import DeliveryError, ProviderSettings
 from app.channels.email import EmailProvider
 from app.channels.netguard import literal_host_blocked
+from app.deliveries.jobs import TEST_MESSAGE
 from tests.conftest import USES_REDIS, config_for, create_connector
 from tests.support import closed_port, send_test
-from worker.tasks import TEST_MESSAGE
 
 
 @pytest.fixture

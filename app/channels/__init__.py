@@ -26,3 +26,10 @@ def load_config(type_name: str, config: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValidationError("Must be an object.")
     return CHANNELS[type_name].config_schema().load(config)
+
+
+def check_allowed(type_name: str, config: dict[str, Any], allow_private: bool) -> None:
+    """A valid config that this deployment's rules still refuse raises ValidationError keyed by config field."""
+    refused = CHANNELS[type_name].refused_fields(config, allow_private)
+    if refused:
+        raise ValidationError(refused)

@@ -71,6 +71,8 @@ class ChannelType:
     recipient_field: str  # the field of a dispatch's `recipient` this type can reach
     normalize: Callable[[str], str]  # a destination as given -> its canonical form, or ValidationError
     mask: Callable[[str], str]  # a destination -> enough to recognise it, not enough to harvest it
+    # A valid config -> the fields this deployment refuses, with why (config, ALLOW_PRIVATE_DESTINATIONS).
+    refused_fields: Callable[[dict[str, Any], bool], dict[str, list[str]]] = lambda _config, _allow_private: {}
 
     @property
     def queue(self) -> str:
@@ -93,3 +95,4 @@ def tls_context() -> ssl.SSLContext:
         if _tls is None:
             _tls = ssl.create_default_context()
         return _tls
+

@@ -12,7 +12,6 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 from typing import Any
 
-from flask import current_app
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate
 
 from app.channels.base import ChannelType, DeliveryError, OutgoingMessage, Provider, tls_context
@@ -30,8 +29,14 @@ from app.outcomes import (
 def _hostname(value: str) -> None:
     if any(char.isspace() for char in value) or "/" in value or "@" in value:
         raise ValidationError("Must be a host name or IP address, without scheme or path.")
-    if not current_app.config["ALLOW_PRIVATE_DESTINATIONS"] and literal_host_blocked(value):
-        raise ValidationError("Loopback, private, link-local and reserved addresses are not allowed.")
+
+
+def refused_fields(config: dict[str, Any], allow_private: bool) -> dict[str, list[str]]:
+    """The config's fields this deployment refuses (ALLOW_PRIVATE_DESTINATIONS): a literal loopback, private,
+    link-local or reserved SMTP host. A name that resolves to one is refused by the worker at the connection."""
+    if not allow_private and literal_host_blocked(config["smtp_host"]):
+        return {"smtp_host": ["Loopback, private, link-local and reserved addresses are not allowed."]}
+    return {}
 
 
 class EmailConfig(Schema):
@@ -235,4 +240,5 @@ CHANNEL = ChannelType(
     recipient_field="email",
     normalize=email_address,
     mask=mask,
+    refused_fields=refused_fields,
 )

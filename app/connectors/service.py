@@ -16,7 +16,7 @@ from sqlalchemy.orm import load_only
 from app.attempts import MESSAGE, DeliveryAttempt
 from app.auth.models import Host
 from app.auth.service import ensure_host, lock_host
-from app.channels import load_config
+from app.channels import check_allowed, load_config
 from app.connectors.models import Connector
 from app.crypto import Keyring, Sealed, SealError
 from app.errors import ConflictError, InvalidError, NotFoundError
@@ -38,6 +38,15 @@ def open_config(connector: Connector) -> dict[str, Any]:
     """The decrypted config of a connector."""
     sealed = Sealed(connector.config_key_id, connector.config_sealed)
     return keyring().open(connector.host_id, connector.id, sealed)
+
+
+def _allowed(connector_type: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The config, if this deployment lets a connector reach what it names; a 400 naming the field otherwise."""
+    try:
+        check_allowed(connector_type, config, current_app.config["ALLOW_PRIVATE_DESTINATIONS"])
+    except ValidationError as exc:
+        raise InvalidError("Invalid config", errors={"json": {"config": exc.messages}}) from None
+    return config
 
 
 def _duplicate(connector_type: str, name: str) -> ConflictError:
@@ -127,6 +136,7 @@ def record_verdict(
 
 
 def create_connector(host_id: uuid.UUID, data: dict[str, Any]) -> Connector:
+    config = _allowed(data["type"], data["config"])
     ensure_host(host_id)
     connector = Connector(
         id=uuid.uuid4(),
@@ -136,7 +146,7 @@ def create_connector(host_id: uuid.UUID, data: dict[str, Any]) -> Connector:
         priority=data["priority"],
         next_check_at=first_check_at(utcnow()),
     )
-    _seal(connector, data["config"])
+    _seal(connector, config)
     db.session.add(connector)
     try:
         connector_event("connector.created", connector)
@@ -160,7 +170,7 @@ def update_connector(host_id: uuid.UUID, connector_id: uuid.UUID, data: dict[str
             config = load_config(connector.type, data["config"])
         except ValidationError as exc:
             raise InvalidError("Invalid config", errors={"json": {"config": exc.messages}}) from None
-        _seal(connector, config)
+        _seal(connector, _allowed(connector.type, config))
         unverified = connector.is_verified  # the old verdict says nothing of the new settings
         connector.is_verified = False
         connector.next_check_at = utcnow()  # check the new settings soon

@@ -1,9 +1,9 @@
-"""Test deliveries: validate the destination, queue the job, wait for it, and keep the attempt log.
+"""Tests and checks, the web's side: validate the destination, write the attempt, queue its job, wait for it.
 
 The attempt log in the database is the source of truth. The web writes the attempt, queues a job that carries
 its id, and waits: on the Celery result as the fast path, on the attempt row as the sure one (a result the
 store could not keep is still found there). The worker claims the attempt, calls the provider and records
-the outcome. No secret crosses the broker or the result backend.
+the outcome (`app.deliveries.jobs`). No secret crosses the broker or the result backend.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -24,13 +23,14 @@ from celery.result import AsyncResult
 from celery.states import REVOKED
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app.attempts import CHECK, FAILED, PENDING, SENDING, SENT, TEST, TIMEOUT, UNKNOWN, DeliveryAttempt
+from app.attempts import CHECK, FAILED, PENDING, SENT, TEST, DeliveryAttempt
 from app.channels import channel
 from app.connectors.models import Connector
-from app.connectors.service import first_check_at, get_connector, lock_for_verdict, open_config, record_verdict
+from app.connectors.service import get_connector
+from app.deliveries.jobs import SUCCESS_MESSAGE, close_attempt
 from app.errors import (
     DATABASE_DOWN,
     IN_PROGRESS,
@@ -40,19 +40,15 @@ from app.errors import (
     NotFoundError,
     discard_session,
 )
-from app.events.service import announce
 from app.extensions import db
 from app.logs import request_id_var
 from app.outcomes import BROKER_UNAVAILABLE, WORKER_ERROR, Outcome
 from app.outcomes import TIMEOUT as TIMEOUT_CODE
-from app.outcomes import UNKNOWN as UNKNOWN_CODE
+from app.queues import CHECK_CONNECTOR, SEND_TEST
 from app.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
-SEND_TEST = "deliveries.send_test"
-CHECK_CONNECTOR = "deliveries.check"
-SUCCESS_MESSAGE = "Test message sent successfully"
 # How often the waiting web request also looks at the attempt row, in case the result never arrives.
 LOG_POLL_SECONDS = 1.0
 RESULT_POLL_SECONDS = 0.01
@@ -123,16 +119,13 @@ def _run(
         # expiry voids a job no worker took in time, and the worker cuts a provider call short at the deadline.
         deadline = time.time() + timeout
         try:
-            result = (
-                _celery()
-                .signature(
-                    task,
-                    args=(str(attempt_id), *args),
-                    kwargs={"request_id": request_id_var.get(), "deadline": deadline},
-                    queue=channel(type_name).queue,
-                    expires=timeout,
-                )
-                .apply_async(argsrepr=repr([str(attempt_id), masked]))  # logs show the mask
+            result = _celery().send_task(
+                task,
+                args=(str(attempt_id), *args),
+                kwargs={"request_id": request_id_var.get(), "deadline": deadline},
+                queue=channel(type_name).queue,
+                expires=timeout,
+                argsrepr=repr([str(attempt_id), masked]),  # logs show the mask
             )
         except Exception as exc:  # kombu raises several types when the broker is down
             log.warning("could not queue %s %s: %s", kind, attempt_id, type(exc).__name__)
@@ -257,157 +250,12 @@ def _logged_outcome(attempt_id: uuid.UUID) -> Outcome | None:
 
 
 def close_open(attempt_id: uuid.UUID, outcome: Outcome) -> None:
-    """Close an attempt the caller stopped waiting for: pending as timeout (it can no longer be claimed),
-    sending as unknown (the worker may have died during the provider call). A worker still alive records its
-    real outcome over either."""
-    now = utcnow()
+    """Close an attempt the caller stopped waiting for (see `close_attempt`)."""
     try:
-        for status, closed_as in (
-            (PENDING, TIMEOUT if outcome.error_code == TIMEOUT_CODE else FAILED),
-            (SENDING, UNKNOWN),
-        ):
-            db.session.execute(
-                update(DeliveryAttempt)
-                .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == status)
-                .values(status=closed_as, error_code=outcome.error_code, message=outcome.message, finished_at=now)
-            )
-        db.session.commit()
+        close_attempt(attempt_id, outcome)
     except DATABASE_DOWN as exc:  # the sweep closes it once the database is back
         log.warning("could not close attempt %s: %s", attempt_id, type(exc).__name__)
         discard_session()
-
-
-# --- the worker's side -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    connector_id: uuid.UUID
-    connector_type: str
-    config: dict[str, Any]
-    sealed: bytes  # the config as sealed when claimed: a verdict counts only for that config
-
-
-def claim_attempt(attempt_id: uuid.UUID) -> Job | None:
-    """Take a pending attempt for sending, once: a redelivered or expired job finds nothing to claim.
-
-    The claim is committed before the provider call, and no connection is held during it.
-    """
-    claimed = db.session.execute(
-        update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == PENDING)
-        .values(status=SENDING)
-        .returning(DeliveryAttempt.connector_id)
-    ).scalar()
-    connector = db.session.get(Connector, claimed) if claimed is not None else None
-    job = None
-    if connector is not None:
-        job = Job(connector.id, connector.type, open_config(connector), connector.config_sealed)
-    db.session.commit()
-    return job
-
-
-def finish_attempt(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
-    """Record the outcome; the provider's verdict decides is_verified, our own failures leave it be."""
-    now = utcnow()
-    judged = job is not None and outcome.is_verdict
-    if judged:
-        lock_for_verdict(job.connector_id)
-    db.session.execute(
-        update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status.not_in([SENT, FAILED]))
-        .values(
-            status=SENT if outcome.success else FAILED,
-            error_code=outcome.error_code,
-            message=outcome.message,
-            delivery_time_ms=outcome.delivery_time_ms,
-            finished_at=now,
-        )
-    )
-    if judged:
-        record_verdict(job.connector_id, job.sealed, outcome.success, outcome.error_code, outcome.message)
-    db.session.commit()
-    announce()
-
-
-def schedule_checks() -> list[tuple[uuid.UUID, str, str]]:
-    """The re-checks due now, as (attempt id, connector type, deadline) to queue: at most
-    CONNECTOR_CHECK_CONCURRENCY in flight, the oldest due first; connectors never scheduled get a random
-    moment within the interval."""
-    config = current_app.config
-    now = utcnow()
-    unscheduled = db.session.scalars(select(Connector).where(Connector.next_check_at.is_(None)).limit(1000)).all()
-    for connector in unscheduled:
-        connector.next_check_at = first_check_at(now)
-    in_flight = db.session.scalar(
-        select(func.count())
-        .select_from(DeliveryAttempt)
-        .where(DeliveryAttempt.kind == CHECK, DeliveryAttempt.status.in_([PENDING, SENDING]))
-    )
-    room = max(config["CONNECTOR_CHECK_CONCURRENCY"] - (in_flight or 0), 0)
-    busy = select(DeliveryAttempt.connector_id).where(
-        DeliveryAttempt.kind.in_([TEST, CHECK]),
-        DeliveryAttempt.status.in_([PENDING, SENDING]),
-        DeliveryAttempt.connector_id.is_not(None),  # NOT IN a set holding NULL matches nothing
-    )
-    due = db.session.scalars(
-        select(Connector)
-        .where(Connector.next_check_at <= now, Connector.id.not_in(busy))
-        .order_by(Connector.next_check_at)
-        .limit(room)
-    ).all()
-    timeout = 2 * config["PROVIDER_TIMEOUT"]
-    # If the check fails for a reason of ours (no worker, no broker) nothing changes but this: a try again later.
-    retry = timedelta(seconds=min(config["CONNECTOR_CHECK_INTERVAL"], 900))
-    scheduled = []
-    for connector in due:
-        attempt = DeliveryAttempt(
-            id=uuid.uuid4(),
-            connector_id=connector.id,
-            connector_type=connector.type,
-            kind=CHECK,
-            status=PENDING,
-            created_at=now,
-            deadline_at=now + timedelta(seconds=timeout),
-        )
-        db.session.add(attempt)
-        connector.next_check_at = now + retry
-        scheduled.append((attempt.id, connector.type, time.time() + timeout))
-    try:
-        db.session.commit()
-    except IntegrityError:  # a Host started a test of one of them meanwhile: the next tick takes the rest
-        db.session.rollback()
-        return []
-    return scheduled
-
-
-def close_overdue(now: Any = None) -> int:
-    """Close every attempt still open past its deadline (the sweep): nobody waits for it any more."""
-    now = now or utcnow()
-    count = 0
-    while True:
-        # Rows another transaction holds (a delete, an outcome being recorded) are left to the next sweep:
-        # waiting for them while holding others could close a circle of waits.
-        overdue = db.session.scalars(
-            select(DeliveryAttempt.id)
-            .where(DeliveryAttempt.status.in_([PENDING, SENDING]), DeliveryAttempt.deadline_at < now)
-            .order_by(DeliveryAttempt.id)
-            .limit(500)
-            .with_for_update(skip_locked=True)
-        ).all()
-        if not overdue:
-            break
-        for status, closed_as, code, text in (
-            (PENDING, TIMEOUT, TIMEOUT_CODE, "no worker started the test before its deadline"),
-            (SENDING, UNKNOWN, UNKNOWN_CODE, "the worker stopped during the provider call; it may have gone through"),
-        ):
-            count += db.session.execute(
-                update(DeliveryAttempt)
-                .where(DeliveryAttempt.id.in_(overdue), DeliveryAttempt.status == status)
-                .values(status=closed_as, error_code=code, message=text, finished_at=now)
-            ).rowcount
-    db.session.commit()
-    return count
 
 
 def list_attempts(host_id: uuid.UUID, connector_id: uuid.UUID, limit: int) -> list[DeliveryAttempt]:
@@ -419,7 +267,3 @@ def list_attempts(host_id: uuid.UUID, connector_id: uuid.UUID, limit: int) -> li
         .limit(limit)
     )
     return list(db.session.scalars(query))
-
-
-def elapsed_ms(started: float) -> int:
-    return int((time.perf_counter() - started) * 1000)

@@ -14,23 +14,24 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import select, text, update
 
+from app.errors import with_database_retry
 from app.events.models import Event
+from app.events.webhook import post_event
 from app.extensions import db
+from app.fields import TIMESTAMP_FORMAT
+from app.queues import DELIVER_EVENTS, nudge
 from app.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
-DELIVER_EVENTS = "events.deliver"
 GIVE_UP_AFTER = timedelta(days=1)
 MAX_BACKOFF_SECONDS = 3600.0
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# Events a delivery job posts at most; the next nudge or sweep takes the rest.
+DELIVERY_BATCH = 500
 
-
-# Event ids are given at insert but become visible at commit: writers take turns (a transaction-scoped lock on
-# PostgreSQL; SQLite has one writer anyway), so ids become visible in order and a poller never skips one.
-EVENTS_LOCK = 0x62617062  # any constant of our own
+EVENTS_LOCK = 0x62617062  # any constant of our own: the key of the events' advisory lock
 
 
 def emit(type_: str, host_id: uuid.UUID, data: dict[str, Any]) -> None:
@@ -40,6 +41,10 @@ def emit(type_: str, host_id: uuid.UUID, data: dict[str, Any]) -> None:
     transaction: with one order everywhere, no two writers can deadlock through it. An error of that write
     (a duplicate name) is raised here; callers handle it as they would at their commit."""
     db.session.flush()
+    # Why one lock for every writer of events: an event's id is given at its insert but becomes visible at its
+    # commit, so two transactions committing in the other order would show id 8 before id 7, and a poller that
+    # passed `after=8` would never see 7. Holding this lock from the insert to the commit makes writers take
+    # turns, so ids become visible in order. (SQLite has one writer anyway.)
     if db.session.get_bind().dialect.name == "postgresql":
         db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENTS_LOCK})
     data = json.loads(json.dumps(data, default=str))
@@ -50,8 +55,6 @@ def emit(type_: str, host_id: uuid.UUID, data: dict[str, Any]) -> None:
 def announce() -> None:
     """After a commit that emitted events: have the worker send them now rather than at the next sweep."""
     if db.session.info.pop("events_written", False) and current_app.config["EVENTS_WEBHOOK_URL"]:
-        from app.queues import nudge
-
         nudge(DELIVER_EVENTS)
 
 
@@ -142,14 +145,6 @@ def record_try(event: Claimed, error: str | None) -> None:
     db.session.commit()
 
 
-def prune() -> int:
-    """Forget events older than EVENTS_RETENTION: pollers and receivers have had them (or gave up)."""
-    cutoff = utcnow() - timedelta(seconds=current_app.config["EVENTS_RETENTION"])
-    removed = db.session.execute(delete(Event).where(Event.created_at < cutoff)).rowcount
-    db.session.commit()
-    return removed
-
-
 def has_due() -> bool:
     head = db.session.execute(
         select(Event.id, Event.next_try_at)
@@ -159,3 +154,25 @@ def has_due() -> bool:
     ).first()
     db.session.rollback()
     return head is not None and (head.next_try_at is None or head.next_try_at <= utcnow())
+
+
+def deliver_due() -> int:
+    """Post the outbox to EVENTS_WEBHOOK_URL, oldest first, up to a batch; stops at the first failure (order is
+    kept). How many were delivered."""
+    config = current_app.config
+    if not config["EVENTS_WEBHOOK_URL"]:
+        return 0
+    timeout = config["PROVIDER_TIMEOUT"]
+    sent = 0
+    for _ in range(DELIVERY_BATCH):
+        claimed = with_database_retry("claim event", lambda: claim_next(lease_seconds=timeout * 2 + 5), seconds=60)
+        if claimed is None:
+            break
+        error = post_event(
+            config["EVENTS_WEBHOOK_URL"], config["EVENTS_WEBHOOK_SECRET"], claimed.id, claimed.payload, timeout
+        )
+        with_database_retry("record event", lambda c=claimed, e=error: record_try(c, e), seconds=60)
+        if error is not None:
+            break
+        sent += 1
+    return sent

@@ -15,7 +15,6 @@ from app.messages.schemas import (
     MessageQuerySchema,
     MessageSchema,
 )
-from app.queues import nudge
 
 blp = Blueprint(
     "messages", __name__, url_prefix="/api/internal", description="Dispatch through a Host's connectors (services)"
@@ -34,8 +33,6 @@ class HostMessages(MethodView):
     def post(self, headers: dict, data: dict, host_id: uuid.UUID) -> tuple[dict, int]:
         """Deliver a notification or OTP through the Host's connectors, in priority order with fallback"""
         message, created = service.create_message(host_id, headers["key"], data)
-        if created:
-            nudge(service.ADVANCE_MESSAGE, str(message.id))
         return service.view(message), 202 if created else 200
 
     @blp.arguments(MessageQuerySchema, location="query")
