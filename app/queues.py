@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -79,6 +80,10 @@ DELIVER_EVENTS = "events.deliver"
 SWEEP = "dispatch.sweep"
 CHECK_SCHEDULE = "checks.schedule"
 
+# A burst of changes asks for one events delivery now and one at the end of this window, not one each: a
+# delivery takes every event that is due when it runs.
+COALESCE_SECONDS = 0.25
+
 log = logging.getLogger(__name__)
 
 
@@ -99,6 +104,36 @@ def nudge(task_name: str, *args: Any, queue: str = DISPATCH_QUEUE) -> bool:
     """Queue a job that only speeds up what the database already says must happen (the sweep would find it
     later); False, logged, when the broker cannot take it."""
     return _send(current_app.extensions["celery"], task_name, args, queue)
+
+
+_coalesce_lock = threading.Lock()
+_last_nudged: dict[str, float] = {}
+_trailing: set[str] = set()
+
+
+def nudge_coalesced(task_name: str) -> None:
+    """`nudge` for a job without arguments that does all there is to do when it runs: at most one per
+    COALESCE_SECONDS in this process, and one more at the end of the window for what came during it."""
+    celery = current_app.extensions["celery"]
+    with _coalesce_lock:
+        if task_name in _trailing:  # one is already due at the end of the window: it will see this change
+            return
+        wait = _last_nudged.get(task_name, float("-inf")) + COALESCE_SECONDS - time.monotonic()
+        if wait > 0:
+            _trailing.add(task_name)
+            timer = threading.Timer(wait, _trailing_nudge, args=(celery, task_name))
+            timer.daemon = True
+            timer.start()
+            return
+        _last_nudged[task_name] = time.monotonic()
+    _send(celery, task_name, (), DISPATCH_QUEUE)
+
+
+def _trailing_nudge(celery: Celery, task_name: str) -> None:
+    with _coalesce_lock:
+        _trailing.discard(task_name)
+        _last_nudged[task_name] = time.monotonic()
+    _send(celery, task_name, (), DISPATCH_QUEUE)
 
 
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}

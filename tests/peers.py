@@ -190,10 +190,16 @@ class HttpPeer(Peer):
 
     def __init__(self, **credentials: str) -> None:
         super().__init__(credentials=credentials)
+        self.connections = 0
         peer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with peer.lock:
+                    peer.connections += 1  # TCP connections accepted: a kept client opens one for many requests
 
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass

@@ -12,6 +12,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, ClassVar
 
 from marshmallow import Schema
@@ -96,3 +97,11 @@ def tls_context() -> ssl.SSLContext:
             _tls = ssl.create_default_context()
         return _tls
 
+
+# A kept HTTP client serves every Host's connectors: no cookie set by an answer to one Host's request may ride
+# along on another's, so the clients' jars keep none.
+KEEP_NO_COOKIES = DefaultCookiePolicy(allowed_domains=[])
+
+
+def cookieless_jar() -> CookieJar:
+    return CookieJar(policy=KEEP_NO_COOKIES)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from app.channels.base import ChannelType, DeliveryError, OutgoingMessage, Provider
+from app.channels.base import KEEP_NO_COOKIES, ChannelType, DeliveryError, OutgoingMessage, Provider
 from app.fields import E164, FullMatch, credential, e164
 from app.outcomes import (
     AUTH_FAILED,
@@ -26,6 +27,7 @@ RECIPIENT_CODES = {21211, 21408, 21610, 21612, 21614, 21608, 21265, 21266}
 ACCOUNT_CODES = {20003, 20005, 20008, 20403}
 # The From number is not one of the account's: not owned, not SMS-capable, not a valid sender.
 SENDER_CODES = {21606, 21659, 21660, 21212}
+TWILIO_API = "https://api.twilio.com"
 
 
 class SmsConfig(Schema):
@@ -68,22 +70,21 @@ class TwilioSmsProvider(Provider):
 
     def _client(self, config: dict[str, Any]) -> Any:
         # The web process never sends: the client library is loaded where it is used.
-        from twilio.http.http_client import TwilioHttpClient
         from twilio.rest import Client
 
         key_sid = config["api_key_sid"]
         account_sid = config.get("account_sid") or (key_sid if key_sid.startswith("AC") else None)
         if account_sid is None:
             raise DeliveryError(CONFIG_INVALID, "Twilio needs account_sid (AC...) alongside an API key SID (SK...)")
-        client = Client(
+        http = _thread_http_client()
+        http.timeout, http.base_url = self.settings.timeout, self.settings.twilio_base_url
+        return Client(
             username=key_sid,
             password=config["api_key_secret"],
             account_sid=account_sid,
-            http_client=TwilioHttpClient(timeout=self.settings.timeout, pool_connections=False),
+            http_client=http,
             environment={},  # TWILIO_EDGE / TWILIO_REGION must not reroute the configured base URL
         )
-        client.api.base_url = self.settings.twilio_base_url
-        return client
 
     def _call(self, call: Callable[[], T]) -> T:
         import requests
@@ -114,6 +115,33 @@ class TwilioSmsProvider(Provider):
         if exc.status == 404:
             return DeliveryError(AUTH_FAILED, f"Twilio does not know this account: {detail}")
         return DeliveryError(PROVIDER_ERROR, f"Twilio failed: {detail} {text}".strip())
+
+
+# One Twilio HTTP client (a requests session and its connection pool) per worker thread, kept between sends as
+# the SDK intends: a new one per send cost a TCP and TLS handshake each time. requests' sessions are not safe to
+# share between threads.
+_per_thread = threading.local()
+
+
+def _thread_http_client() -> Any:
+    http = getattr(_per_thread, "http", None)
+    if http is None:
+        from twilio.http.http_client import TwilioHttpClient
+
+        class BaseUrlHttpClient(TwilioHttpClient):
+            """The SDK's HTTP client, sending to TWILIO_API_BASE_URL (staging, a test peer) where the SDK
+            addresses https://api.twilio.com: the SDK's documented way to change how requests go out."""
+
+            base_url = TWILIO_API
+
+            def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+                if url.startswith(TWILIO_API):
+                    url = self.base_url + url[len(TWILIO_API) :]
+                return super().request(method, url, *args, **kwargs)
+
+        http = _per_thread.http = BaseUrlHttpClient(pool_connections=True)
+        http.session.cookies.set_policy(KEEP_NO_COOKIES)
+    return http
 
 
 CHANNEL = ChannelType(

@@ -6,11 +6,12 @@ sends that template instead of free text.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from app.channels.base import ChannelType, DeliveryError, OutgoingMessage, Provider, tls_context
+from app.channels.base import ChannelType, DeliveryError, OutgoingMessage, Provider, cookieless_jar, tls_context
 from app.channels.sms import mask_phone
 from app.fields import FullMatch, credential, e164
 from app.outcomes import (
@@ -94,8 +95,7 @@ class WhatsAppProvider(Provider):
         url = f"{self.settings.whatsapp_base_url}/{config['api_version']}/{path}"
         headers = {"Authorization": f"Bearer {config['access_token']}"}
         try:
-            with httpx.Client(timeout=self.settings.timeout, follow_redirects=False, verify=tls_context()) as client:
-                response = client.request(method, url, headers=headers, **kwargs)
+            response = _thread_client().request(method, url, headers=headers, timeout=self.settings.timeout, **kwargs)
         except httpx.TimeoutException:
             raise DeliveryError(PROVIDER_UNREACHABLE, "WhatsApp Cloud API did not answer in time") from None
         except httpx.HTTPError:
@@ -145,6 +145,22 @@ def _retry_after(response: httpx.Response) -> float | None:
     except (KeyError, ValueError):
         return None
     return seconds if response.status_code == 429 and 0 <= seconds <= 86400 else None
+
+
+# One HTTP client (and its connection pool) per worker thread, kept between sends as httpx intends: a new client
+# per request cost a TCP and TLS handshake each time.
+_per_thread = threading.local()
+
+
+def _thread_client() -> httpx.Client:
+    client = getattr(_per_thread, "client", None)
+    if client is None:
+        import httpx
+
+        client = _per_thread.client = httpx.Client(
+            follow_redirects=False, verify=tls_context(), cookies=cookieless_jar()
+        )
+    return client
 
 
 CHANNEL = ChannelType(

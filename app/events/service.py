@@ -21,7 +21,7 @@ from app.events.models import Event
 from app.events.webhook import post_event
 from app.extensions import db
 from app.fields import TIMESTAMP_FORMAT
-from app.queues import DELIVER_EVENTS, nudge
+from app.queues import DELIVER_EVENTS, nudge_coalesced
 from app.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,10 @@ def emit(type_: str, host_id: uuid.UUID, data: dict[str, Any]) -> None:
 
 
 def announce() -> None:
-    """After a commit that emitted events: have the worker send them now rather than at the next sweep."""
+    """After a commit that emitted events: have the worker send them now rather than at the next sweep (one
+    delivery job for a burst of commits: each job sends all that is due)."""
     if db.session.info.pop("events_written", False) and current_app.config["EVENTS_WEBHOOK_URL"]:
-        nudge(DELIVER_EVENTS)
+        nudge_coalesced(DELIVER_EVENTS)
 
 
 def connector_event(type_: str, connector: Any, error_code: str | None = None, message: str | None = None) -> None:
@@ -101,16 +102,18 @@ def claim_next(lease_seconds: float) -> Claimed | None:
     try count, so two workers never send one event at once, and a worker that dies mid-try only delays it.
     """
     now = utcnow()
+    # Events too old to post (e.g. written while no webhook was set: polled, not posted) are set aside all at
+    # once, however many, before the head is taken.
+    stale = (Event.delivered_at.is_(None), Event.abandoned_at.is_(None), Event.created_at <= now - GIVE_UP_AFTER)
+    if db.session.scalar(select(Event.id).where(*stale).limit(1)) is not None:
+        db.session.execute(update(Event).where(*stale).values(abandoned_at=now, next_try_at=None))
+        db.session.commit()
     head = db.session.scalar(
         select(Event).where(Event.delivered_at.is_(None), Event.abandoned_at.is_(None)).order_by(Event.id).limit(1)
     )
     if head is None or (head.next_try_at is not None and head.next_try_at > now):
         db.session.rollback()
         return None
-    if now - head.created_at >= GIVE_UP_AFTER:  # e.g. written while no webhook was set: polled, not posted
-        db.session.execute(update(Event).where(Event.id == head.id).values(abandoned_at=now, next_try_at=None))
-        db.session.commit()
-        return claim_next(lease_seconds)
     taken = db.session.execute(
         update(Event)
         .where(Event.id == head.id, Event.delivered_at.is_(None), Event.tries == head.tries)
