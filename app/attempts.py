@@ -11,12 +11,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.extensions import db
 from app.timeutil import utcnow
 
-# Tests and checks: pending -> sending -> sent | failed. A caller that stops waiting closes a pending attempt as
-# timeout; the sweep closes what is still open past its deadline: pending as timeout, sending as unknown (the
-# provider call may have gone through). A worker still alive then records its real outcome over either.
-# Dispatch attempts start at sending: they are created by the claim itself.
-PENDING, SENDING, SENT, FAILED, TIMEOUT, UNKNOWN = "pending", "sending", "sent", "failed", "timeout", "unknown"
-STATUSES = (PENDING, SENDING, SENT, FAILED, TIMEOUT, UNKNOWN)
+# Tests and checks: pending -> sending -> sent (a test) | verified (a check, which sends nothing) | failed. A caller
+# that stops waiting closes a pending attempt as timeout; the sweep closes what is still open past its deadline:
+# pending as timeout, sending as unknown (the provider call may have gone through). A worker still alive then
+# records its real outcome over either. Dispatch attempts start at sending: they are created by the claim itself.
+PENDING, SENDING, SENT, VERIFIED, FAILED, TIMEOUT, UNKNOWN = (
+    "pending", "sending", "sent", "verified", "failed", "timeout", "unknown"
+)  # fmt: skip
+STATUSES = (PENDING, SENDING, SENT, VERIFIED, FAILED, TIMEOUT, UNKNOWN)
+FINISHED = (SENT, VERIFIED, FAILED)  # what a worker recorded
 TEST, CHECK, MESSAGE = "test", "check", "message"
 OPEN_FILTER = text("status IN ('pending', 'sending')")
 OPEN_PROBE_FILTER = text("status IN ('pending', 'sending') AND kind IN ('test', 'check')")

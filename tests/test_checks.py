@@ -50,7 +50,9 @@ def test_a_check_proves_credentials_and_sender_without_delivering_anything(clien
     assert is_verified(client, host, connector["id"]) is True
     deliveries = client.get(f"/api/connectors/{connector['id']}/deliveries", headers=host.headers).get_json()
     [entry] = deliveries["deliveries"]
-    assert (entry["kind"], entry["status"], entry["destination"]) == ("check", "sent", None)
+    # A check sends nothing, and its entry does not say it did.
+    assert (entry["kind"], entry["status"], entry["destination"]) == ("check", "verified", None)
+    assert entry["message"] == "Credentials and sender verified; nothing was sent"
 
 
 @pytest.mark.parametrize("kind", ["email", "sms", "whatsapp", "telegram"])

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, create_connector, new_host
+from tests.conftest import ROOT, config_for, create_connector, new_host, service_headers
 from tests.peers import free_port
+from tests.support import send_test
 
 BIN = Path(sys.executable).parent
 
@@ -113,3 +114,47 @@ def test_the_development_mail_sink_takes_a_test_email_as_the_readme_says(app, cl
         output, _ = sink.communicate(timeout=10)
     assert "--- mail from dev@example.com to me@example.com" in output
     assert "Subject: BAPBA connector test" in output
+
+
+def test_no_route_says_which_connector_types_the_host_lacks(client, host):
+    headers = {**service_headers(), "Idempotency-Key": "no-route"}
+    will = client.put(f"/api/internal/hosts/{host.id}/will", json={"active": False}, headers=service_headers())
+    assert will.status_code == 200
+    body = {"purpose": "otp", "recipient": {"email": "ana@example.org"}, "text": "Your code is 1"}
+    refused = client.post(f"/api/internal/hosts/{host.id}/messages", json=body, headers=headers).get_json()
+    assert refused["error_code"] == "no_route"
+    assert refused["message"] == (
+        "No connector of this Host can reach the recipient at the addresses given (email): "
+        "this Host has no connector of type email"
+    )
+    create_connector(client, host, "email")
+    sms_only = {**body, "channels": ["sms"]}
+    refused = client.post(f"/api/internal/hosts/{host.id}/messages", json=sms_only, headers=headers).get_json()
+    assert refused["message"].endswith("(email): no connector type within channels can reach them")
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_short_password_withholds_the_providers_words_and_keeps_the_services_own(client, host, peers):
+    # The mail peer offers no STARTTLS: the service's own diagnosis is kept however short the password.
+    starttls = config_for("email", peers, password="p", security="starttls")
+    connector = create_connector(client, host, "email", "starttls", config=starttls)
+    answer = send_test(client, host, connector["id"]).get_json()
+    assert (answer["error_code"], answer["message"]) == (
+        "provider_unreachable",
+        "SMTP server does not offer STARTTLS; set security to ssl or none",
+    )
+    # The peer refuses the login: its reply could quote the 1-character password, so it is withheld.
+    plain = create_connector(client, host, "email", "plain", config=config_for("email", peers, password="p"))
+    answer = send_test(client, host, plain["id"]).get_json()
+    assert (answer["error_code"], answer["message"]) == (
+        "auth_failed",
+        "SMTP server rejected the login (the provider's answer is withheld)",
+    )
+
+
+def test_deleting_the_last_connector_while_the_will_is_active_is_409_last_connector(client, host):
+    connector = create_connector(client, host, "email")
+    will = client.put(f"/api/internal/hosts/{host.id}/will", json={"active": True}, headers=service_headers())
+    assert will.status_code == 200
+    refused = client.delete(f"/api/connectors/{connector['id']}", headers=host.headers)
+    assert refused.status_code == 409 and refused.get_json()["error_code"] == "last_connector"

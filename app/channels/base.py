@@ -19,10 +19,17 @@ from marshmallow import Schema
 
 
 class DeliveryError(Exception):
-    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
+    """A failed provider exchange: one code of `app.outcomes`, the service's own words, and the provider's.
+
+    `message` is ours and never holds a secret; `reply` is what the provider said, which may quote anything it
+    was sent (a password, a token), so it is scrubbed, or withheld, before anyone sees it.
+    """
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None, *, reply: str | None = None) -> None:
+        super().__init__(f"{message}: {reply}" if reply else message)
         self.code = code
         self.message = message
+        self.reply = reply or None
         self.retry_after = retry_after  # seconds the provider asked us to wait (a 429's hint), if any
 
 

@@ -94,7 +94,7 @@ class _SMTPSSL(smtplib.SMTP_SSL):
 
 def _reply_text(code: int, reply: bytes | str) -> str:
     text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-    return f"{code} {text}".strip()  # the task scrubs secrets from it, then shortens it
+    return f"{code} {text}".strip()  # scrubbed of secrets, then shortened, before anyone sees it
 
 
 def _cut(client: smtplib.SMTP) -> None:
@@ -129,7 +129,7 @@ class EmailProvider(Provider):
             if code != 250:
                 client.rset()
                 raise DeliveryError(
-                    SENDER_REJECTED, f"SMTP server refused the sender address ({_reply_text(code, reply)})"
+                    SENDER_REJECTED, "SMTP server refused the sender address", reply=_reply_text(code, reply)
                 )
             client.rset()
             if greeting:
@@ -164,26 +164,26 @@ class EmailProvider(Provider):
                 raise
             except smtplib.SMTPAuthenticationError as exc:
                 raise DeliveryError(
-                    AUTH_FAILED, f"SMTP server rejected the login ({_reply_text(exc.smtp_code, exc.smtp_error)})"
+                    AUTH_FAILED, "SMTP server rejected the login", reply=_reply_text(exc.smtp_code, exc.smtp_error)
                 ) from None
             except smtplib.SMTPNotSupportedError:
                 raise DeliveryError(AUTH_FAILED, "SMTP server does not offer AUTH on this connection") from None
             except smtplib.SMTPRecipientsRefused as exc:
                 code, reply = next(iter(exc.recipients.values()))
                 raise DeliveryError(
-                    DESTINATION_REJECTED, f"SMTP server rejected the recipient ({_reply_text(code, reply)})"
+                    DESTINATION_REJECTED, "SMTP server rejected the recipient", reply=_reply_text(code, reply)
                 ) from None
             except smtplib.SMTPSenderRefused as exc:
                 raise DeliveryError(
                     SENDER_REJECTED,
-                    f"SMTP server refused the sender address ({_reply_text(exc.smtp_code, exc.smtp_error)})",
+                    "SMTP server refused the sender address",
+                    reply=_reply_text(exc.smtp_code, exc.smtp_error),
                 ) from None
             except smtplib.SMTPConnectError:
                 raise DeliveryError(PROVIDER_UNREACHABLE, f"SMTP server {host}:{port} refused the session") from None
             except smtplib.SMTPResponseException as exc:
                 raise DeliveryError(
-                    PROVIDER_ERROR,
-                    f"SMTP server refused the message ({_reply_text(exc.smtp_code, exc.smtp_error)})",
+                    PROVIDER_ERROR, "SMTP server refused the message", reply=_reply_text(exc.smtp_code, exc.smtp_error)
                 ) from None
             except ssl.SSLError as exc:
                 raise DeliveryError(PROVIDER_UNREACHABLE, f"TLS with {host}:{port} failed: {exc.reason}") from None

@@ -107,14 +107,14 @@ class TwilioSmsProvider(Provider):
         detail = f"Twilio {exc.status}" + (f" (error {code})" if code else "")
         text = str(exc.msg or "")
         if exc.status in (401, 403) or code in ACCOUNT_CODES:
-            return DeliveryError(AUTH_FAILED, f"Twilio rejected the credentials: {detail} {text}".strip())
+            return DeliveryError(AUTH_FAILED, f"Twilio rejected the credentials: {detail}", reply=text)
         if code in SENDER_CODES:
-            return DeliveryError(SENDER_REJECTED, f"Twilio rejected the sender: {detail} {text}".strip())
+            return DeliveryError(SENDER_REJECTED, f"Twilio rejected the sender: {detail}", reply=text)
         if code in RECIPIENT_CODES or (exc.status == 400 and code and 21200 <= code < 21700):
-            return DeliveryError(DESTINATION_REJECTED, f"Twilio rejected the recipient: {detail} {text}".strip())
+            return DeliveryError(DESTINATION_REJECTED, f"Twilio rejected the recipient: {detail}", reply=text)
         if exc.status == 404:
             return DeliveryError(AUTH_FAILED, f"Twilio does not know this account: {detail}")
-        return DeliveryError(PROVIDER_ERROR, f"Twilio failed: {detail} {text}".strip())
+        return DeliveryError(PROVIDER_ERROR, f"Twilio failed: {detail}", reply=text)
 
 
 # One Twilio HTTP client (a requests session and its connection pool) per worker thread, kept between sends as

@@ -79,7 +79,7 @@ class TelegramProvider(Provider):
         except InvalidToken:
             raise DeliveryError(AUTH_FAILED, "Telegram rejected the bot token") from None
         except (Forbidden, BadRequest) as exc:
-            raise DeliveryError(DESTINATION_REJECTED, f"Telegram: {exc.message}") from None
+            raise DeliveryError(DESTINATION_REJECTED, "Telegram", reply=exc.message) from None
         except TimedOut:
             raise DeliveryError(PROVIDER_UNREACHABLE, "Telegram did not answer in time") from None
         except RetryAfter as exc:
@@ -93,9 +93,9 @@ class TelegramProvider(Provider):
             # PTB raises NetworkError both for a failed connection (from httpx) and for a 5xx answer.
             if isinstance(exc.__cause__, httpx.HTTPError):
                 raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach Telegram") from None
-            raise DeliveryError(PROVIDER_ERROR, f"Telegram failed: {exc.message}") from None
+            raise DeliveryError(PROVIDER_ERROR, "Telegram failed", reply=exc.message) from None
         except TelegramError as exc:
-            raise DeliveryError(PROVIDER_ERROR, f"Telegram failed: {exc.message}") from None
+            raise DeliveryError(PROVIDER_ERROR, "Telegram failed", reply=exc.message) from None
         except TimeoutError:
             raise DeliveryError(
                 PROVIDER_UNREACHABLE, f"Telegram did not finish within {self.settings.timeout:g} s"

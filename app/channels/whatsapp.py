@@ -114,17 +114,15 @@ class WhatsAppProvider(Provider):
         text = str(error.get("message") or "")
         detail = f"WhatsApp {response.status_code}" + (f" (error {code})" if code else "")
         if response.status_code == 401 or code in AUTH_CODES or 200 <= code < 300:
-            return DeliveryError(AUTH_FAILED, f"WhatsApp rejected the access token: {detail} {text}".strip())
+            return DeliveryError(AUTH_FAILED, f"WhatsApp rejected the access token: {detail}", reply=text)
         if code == 131047:
             return DeliveryError(
                 DESTINATION_REJECTED,
                 f"WhatsApp: outside the 24-hour window a template is required; set template_name ({detail})",
             )
         if code in RECIPIENT_CODES:
-            return DeliveryError(DESTINATION_REJECTED, f"WhatsApp rejected the recipient: {detail} {text}".strip())
-        return DeliveryError(
-            PROVIDER_ERROR, f"WhatsApp failed: {detail} {text}".strip(), retry_after=_retry_after(response)
-        )
+            return DeliveryError(DESTINATION_REJECTED, f"WhatsApp rejected the recipient: {detail}", reply=text)
+        return DeliveryError(PROVIDER_ERROR, f"WhatsApp failed: {detail}", _retry_after(response), reply=text)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

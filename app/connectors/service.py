@@ -19,7 +19,7 @@ from app.auth.service import ensure_host, lock_host
 from app.channels import check_allowed, load_config
 from app.connectors.models import Connector
 from app.crypto import Keyring, Sealed, SealError
-from app.errors import ConflictError, InvalidError, NotFoundError
+from app.errors import LAST_CONNECTOR, ConflictError, InvalidError, NotFoundError
 from app.events.service import announce, connector_event
 from app.extensions import db
 from app.timeutil import utcnow
@@ -203,7 +203,7 @@ def delete_connector(host_id: uuid.UUID, connector_id: uuid.UUID) -> None:
     remaining = db.session.scalar(select(func.count()).select_from(Connector).where(Connector.host_id == host_id))
     if host is not None and host.will_active and remaining <= 1:
         db.session.rollback()
-        raise ConflictError("Cannot delete the last connector while the will is active")
+        raise ConflictError("Cannot delete the last connector while the will is active", error_code=LAST_CONNECTOR)
     # Its tests and checks go with it; dispatch attempts stay in their messages' history.
     db.session.execute(
         delete(DeliveryAttempt).where(DeliveryAttempt.connector_id == connector_id, DeliveryAttempt.kind != MESSAGE)

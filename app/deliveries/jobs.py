@@ -18,7 +18,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import update
 
-from app.attempts import CHECK, FAILED, PENDING, SENDING, SENT, TEST, UNKNOWN, DeliveryAttempt
+from app.attempts import CHECK, FAILED, FINISHED, PENDING, SENDING, SENT, TEST, UNKNOWN, VERIFIED, DeliveryAttempt
 from app.attempts import TIMEOUT as TIMED_OUT
 from app.channels import channel
 from app.channels.base import DeliveryError, OutgoingMessage, ProviderSettings
@@ -90,11 +90,14 @@ def provider_settings(budget: float) -> ProviderSettings:
 
 
 def failure_message(error: DeliveryError, secrets: list[str], destination: str | None, mask: str) -> str:
-    """The provider's words without any secret, and with the recipient's address masked (an SMTP 550 or a Twilio
-    21211 quotes it); ours alone when a secret is too short to cut out."""
-    scrubbed = scrub(error.message, secrets)
-    if scrubbed is None:
-        return f"the provider refused the request ({error.code}); its answer is withheld"
+    """Our words, always, and the provider's without any secret (withheld when a secret is too short to cut out
+    cleanly), with the recipient's address masked (an SMTP 550 or a Twilio 21211 quotes it)."""
+    ours = scrub(error.message, secrets) or error.message  # ours hold no secret: scrubbed only to be sure
+    if error.reply is None:
+        scrubbed = ours
+    else:
+        reply = scrub(error.reply, secrets)
+        scrubbed = f"{ours}: {reply}" if reply is not None else f"{ours} (the provider's answer is withheld)"
     if destination:
         for form in sorted({destination, destination.lstrip("+"), *forms(destination)}, key=len, reverse=True):
             scrubbed = re.sub(re.escape(form), mask, scrubbed, flags=re.IGNORECASE)
@@ -139,12 +142,13 @@ def write_outcome(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> N
     judged = job is not None and outcome.is_verdict
     if judged:
         lock_for_verdict(job.connector_id)
+    status = FAILED if not outcome.success else VERIFIED if job is not None and job.kind == CHECK else SENT
     # A test or check the web or the sweep already closed (timeout, unknown) still gets its real outcome.
     db.session.execute(
         update(DeliveryAttempt)
-        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status.not_in([SENT, FAILED]))
+        .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status.not_in(FINISHED))
         .values(
-            status=SENT if outcome.success else FAILED,
+            status=status,
             error_code=outcome.error_code,
             message=outcome.message,
             delivery_time_ms=outcome.delivery_time_ms,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
+from app.attempts import STATUSES
 from app.fields import UtcTimestamp
 
 
@@ -43,7 +44,12 @@ class AttemptSchema(Schema):
         metadata={"enum": ["test", "check"], "description": "test: a test send; check: a credential check"}
     )
     destination = fields.String(allow_none=True, metadata={"description": "Masked; none for a check"})
-    status = fields.String(metadata={"enum": ["pending", "sending", "sent", "failed", "timeout", "unknown"]})
+    status = fields.String(
+        metadata={
+            "enum": list(STATUSES),
+            "description": "sent: a test the provider accepted; verified: a check that passed (it sends nothing)",
+        }
+    )
     error_code = fields.String(allow_none=True)
     message = fields.String(allow_none=True)
     delivery_time_ms = fields.Integer(allow_none=True)

@@ -26,11 +26,11 @@ from marshmallow import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app.attempts import CHECK, FAILED, PENDING, SENT, TEST, DeliveryAttempt
+from app.attempts import CHECK, FAILED, FINISHED, PENDING, TEST, VERIFIED, DeliveryAttempt
 from app.channels import channel
 from app.connectors.models import Connector
 from app.connectors.service import get_connector
-from app.deliveries.jobs import SUCCESS_MESSAGE, close_attempt
+from app.deliveries.jobs import CHECK_SUCCESS, SUCCESS_MESSAGE, close_attempt
 from app.errors import (
     DATABASE_DOWN,
     IN_PROGRESS,
@@ -242,10 +242,11 @@ def _logged_outcome(attempt_id: uuid.UUID) -> Outcome | None:
         log.warning("attempt log unavailable while waiting for %s: %s", attempt_id, type(exc).__name__)
         discard_session()
         return None
-    if row is None or row.status not in (SENT, FAILED):
+    if row is None or row.status not in FINISHED:
         return None
-    if row.status == SENT:
-        return Outcome(True, row.message or SUCCESS_MESSAGE, delivery_time_ms=row.delivery_time_ms)
+    if row.status != FAILED:
+        done = CHECK_SUCCESS if row.status == VERIFIED else SUCCESS_MESSAGE
+        return Outcome(True, row.message or done, delivery_time_ms=row.delivery_time_ms)
     return Outcome(False, row.message or "the delivery failed", error_code=row.error_code or WORKER_ERROR)
 
 

@@ -76,7 +76,9 @@ class MessageAttemptSchema(Schema):
     connector_id = fields.UUID(allow_none=True)
     type = fields.String(attribute="connector_type")
     destination = fields.String(allow_none=True, metadata={"description": "Masked"})
-    status = fields.String(metadata={"enum": [status for status in ATTEMPT_STATUSES if status != "pending"]})
+    status = fields.String(
+        metadata={"enum": [status for status in ATTEMPT_STATUSES if status not in ("pending", "verified")]}
+    )
     error_code = fields.String(allow_none=True)
     message = fields.String(allow_none=True)
     delivery_time_ms = fields.Integer(allow_none=True)

@@ -76,11 +76,13 @@ def create_message(host_id: uuid.UUID, key: str, data: dict[str, Any]) -> tuple[
     recipient, channels = data["recipient"], data.get("channels")
     routes = _routes(recipient, channels)
     if not candidates(host_id, routes):
-        looked_at = ", ".join(sorted(recipient))
-        types = ", ".join(routes) or "none"
+        given = ", ".join(sorted(recipient))
+        if routes:  # what is missing, not what was looked at: a Host with no connector at all reads the same
+            missing = f"this Host has no connector of type {', '.join(routes)}{' within channels' if channels else ''}"
+        else:
+            missing = "no connector type within channels can reach them"
         raise UnprocessableError(
-            f"No connector of this Host can reach the recipient: addresses given: {looked_at}; "
-            f"connector types that could reach them{' within channels' if channels else ''}: {types}",
+            f"No connector of this Host can reach the recipient at the addresses given ({given}): {missing}",
             error_code=NO_ROUTE,
         )
     now = utcnow()
