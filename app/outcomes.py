@@ -37,11 +37,17 @@ ERROR_CODES = (
     UNKNOWN,
 )
 
-# Failures that say the channel itself does not work: they clear is_verified.
+# Failures the provider or the Host's settings caused (a test's or check's 502), as against our own.
 PROVIDER_CAUSED = frozenset(
     {AUTH_FAILED, SENDER_REJECTED, DESTINATION_REJECTED, DESTINATION_BLOCKED, PROVIDER_UNREACHABLE, PROVIDER_ERROR,
      CONFIG_INVALID}
 )  # fmt: skip
+# is_verified means "this connector works". These say it does not, whatever the attempt: they clear it.
+BROKEN = frozenset({AUTH_FAILED, SENDER_REJECTED, CONFIG_INVALID, DESTINATION_BLOCKED})
+# These may be a provider's bad minute: they clear it only from a test or check, which exist to judge the
+# connector (the daily re-check judges the rest); one 429 or 5xx during a dispatch does not. A refused recipient
+# (a survivor's mistyped number) says nothing of the connector and never clears it.
+BROKEN_WHEN_PROBED = frozenset({PROVIDER_UNREACHABLE, PROVIDER_ERROR})
 # Failures that trying again cannot mend: dispatch takes the connector out of the message's later rounds.
 PERMANENT = frozenset({AUTH_FAILED, SENDER_REJECTED, DESTINATION_REJECTED, DESTINATION_BLOCKED, CONFIG_INVALID})
 
@@ -57,11 +63,14 @@ class Outcome:
     details: dict[str, str] | None = None  # a check's public facts (the bot's @username, the SMTP greeting)
     retry_after: float | None = None  # seconds the provider asked us to wait (a 429's Retry-After), if any
 
-    @property
-    def is_verdict(self) -> bool:
-        """Whether it says something of the channel: a success, or a failure the provider or settings caused
-        (our own failures leave is_verified be)."""
-        return self.success or self.error_code in PROVIDER_CAUSED
+    def verdict(self, probe: bool) -> bool | None:
+        """What it says of the connector: works (True), is broken (False), or nothing (None: is_verified stays).
+        `probe`: it came from a test or check, rather than a dispatch attempt."""
+        if self.success:
+            return True
+        if self.error_code in BROKEN or (probe and self.error_code in BROKEN_WHEN_PROBED):
+            return False
+        return None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -69,6 +69,11 @@ class Provider(ABC):
         would recognise, or raise DeliveryError."""
 
 
+def text_length(text: str) -> int:
+    """Characters as providers count them: UTF-16 code units (an emoji outside the BMP counts two)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
 @dataclass(frozen=True)
 class ChannelType:
     """Everything about one connector type, in the one module that defines it."""
@@ -81,6 +86,13 @@ class ChannelType:
     mask: Callable[[str], str]  # a destination -> enough to recognise it, not enough to harvest it
     # A valid config -> the fields this deployment refuses, with why (config, ALLOW_PRIVATE_DESTINATIONS).
     refused_fields: Callable[[dict[str, Any], bool], dict[str, list[str]]] = lambda _config, _allow_private: {}
+    # The longest text the provider takes, in UTF-16 code units (how Twilio and Telegram count); None: no limit
+    # below the API's own.
+    max_text: int | None = None
+
+    def takes(self, text: str) -> bool:
+        """Whether the provider takes a text this long."""
+        return self.max_text is None or text_length(text) <= self.max_text
 
     @property
     def queue(self) -> str:

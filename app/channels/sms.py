@@ -151,4 +151,6 @@ CHANNEL = ChannelType(
     recipient_field="phone",
     normalize=e164,
     mask=mask_phone,
+    # Twilio's Messages API refuses a Body over 1,600 characters.
+    max_text=1600,
 )

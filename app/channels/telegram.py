@@ -149,4 +149,6 @@ CHANNEL = ChannelType(
     recipient_field="telegram_chat_id",
     normalize=chat_id,
     mask=mask,
+    # sendMessage takes 1 to 4,096 characters.
+    max_text=4096,
 )

@@ -168,4 +168,6 @@ CHANNEL = ChannelType(
     recipient_field="phone",
     normalize=e164,
     mask=mask_phone,
+    # The Cloud API takes a text body of at most 4,096 characters.
+    max_text=4096,
 )

@@ -18,7 +18,19 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import update
 
-from app.attempts import CHECK, FAILED, FINISHED, PENDING, SENDING, SENT, TEST, UNKNOWN, VERIFIED, DeliveryAttempt
+from app.attempts import (
+    CHECK,
+    FAILED,
+    FINISHED,
+    MESSAGE,
+    PENDING,
+    SENDING,
+    SENT,
+    TEST,
+    UNKNOWN,
+    VERIFIED,
+    DeliveryAttempt,
+)
 from app.attempts import TIMEOUT as TIMED_OUT
 from app.channels import channel
 from app.channels.base import DeliveryError, OutgoingMessage, ProviderSettings
@@ -137,10 +149,10 @@ def perform(job: Job) -> Outcome:
 
 
 def write_outcome(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
-    """Record an attempt's outcome and, when it is the provider's verdict on the claimed config, the connector's
+    """Record an attempt's outcome and, when it says whether the claimed config works, the connector's
     is_verified; part of the caller's transaction, after any message lock (the one lock order)."""
-    judged = job is not None and outcome.is_verdict
-    if judged:
+    verdict = outcome.verdict(probe=job.kind != MESSAGE) if job is not None else None
+    if verdict is not None:
         lock_for_verdict(job.connector_id)
     status = FAILED if not outcome.success else VERIFIED if job is not None and job.kind == CHECK else SENT
     # A test or check the web or the sweep already closed (timeout, unknown) still gets its real outcome.
@@ -155,8 +167,8 @@ def write_outcome(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> N
             finished_at=utcnow(),
         )
     )
-    if judged:
-        record_verdict(job.connector_id, job.sealed, outcome.success, outcome.error_code, outcome.message)
+    if verdict is not None:
+        record_verdict(job.connector_id, job.sealed, verdict, outcome.error_code, outcome.message)
 
 
 # --- tests and checks ----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from app.attempts import DeliveryAttempt
 from app.auth.models import Host
 from app.channels import CHANNELS
+from app.channels.base import text_length
 from app.connectors.models import Connector
 from app.connectors.service import keyring
 from app.errors import IDEMPOTENCY_KEY_REUSED, NO_ROUTE, NotFoundError, UnprocessableError
@@ -38,11 +39,16 @@ def _digest(host_id: uuid.UUID, data: dict[str, Any]) -> str:
     return keyring().digest(host_id, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
 
 
-def _routes(recipient: dict[str, str], channels: list[str] | None) -> list[str]:
-    return [
+def _routes(recipient: dict[str, str], channels: list[str] | None, text: str) -> tuple[list[str], list[str]]:
+    """The connector types that can take this message (and are in `channels`), and those left out only because
+    the text is longer than their provider takes."""
+    reaching = [
         name
         for name, kind in CHANNELS.items()
         if kind.recipient_field in recipient and (channels is None or name in channels)
+    ]
+    return [name for name in reaching if CHANNELS[name].takes(text)], [
+        name for name in reaching if not CHANNELS[name].takes(text)
     ]
 
 
@@ -64,6 +70,24 @@ def _replay(message: Message, digest: str) -> tuple[Message, bool]:
     return message, False
 
 
+def _no_route(
+    recipient: dict[str, str], channels: list[str] | None, routes: list[str], too_long_for: list[str], text: str
+) -> str:
+    """What is missing, not only what was looked at: a Host with no connector at all must not read as a
+    contradiction."""
+    missing = []
+    if routes:
+        within = " within channels" if channels else ""
+        missing.append(f"this Host has no connector of type {', '.join(routes)}{within}")
+    if too_long_for:
+        limits = ", ".join(f"{name} takes {CHANNELS[name].max_text:,}" for name in too_long_for)
+        missing.append(f"the text is {text_length(text):,} characters long and {limits}")
+    if not missing:
+        missing.append("no connector type within channels can reach them")
+    given = ", ".join(sorted(recipient))
+    return f"No connector of this Host can reach the recipient at the addresses given ({given}): {'; '.join(missing)}"
+
+
 def create_message(host_id: uuid.UUID, key: str, data: dict[str, Any]) -> tuple[Message, bool]:
     """The message for this key: a new one (True), committed and its first step queued, or the one this key
     already made (False)."""
@@ -74,16 +98,10 @@ def create_message(host_id: uuid.UUID, key: str, data: dict[str, Any]) -> tuple[
     if existing is not None:
         return _replay(existing, digest)
     recipient, channels = data["recipient"], data.get("channels")
-    routes = _routes(recipient, channels)
+    routes, too_long_for = _routes(recipient, channels, data["text"])
     if not candidates(host_id, routes):
-        given = ", ".join(sorted(recipient))
-        if routes:  # what is missing, not what was looked at: a Host with no connector at all reads the same
-            missing = f"this Host has no connector of type {', '.join(routes)}{' within channels' if channels else ''}"
-        else:
-            missing = "no connector type within channels can reach them"
         raise UnprocessableError(
-            f"No connector of this Host can reach the recipient at the addresses given ({given}): {missing}",
-            error_code=NO_ROUTE,
+            _no_route(recipient, channels, routes, too_long_for, data["text"]), error_code=NO_ROUTE
         )
     now = utcnow()
     purpose = data["purpose"]
