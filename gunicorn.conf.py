@@ -3,6 +3,7 @@
 Every value can still be overridden on the command line; the Procfile gives none.
 """
 
+import logging
 import os
 import sys
 
@@ -32,6 +33,28 @@ control_socket_disable = True
 # answers in JSON (a long query string is a 400, a long token a 401). README, "Limits".
 limit_request_line = 8190
 limit_request_field_size = 16380
+
+
+# Every line gunicorn prints is a JSON object like the app's: its own loggers go through the app's formatter,
+# on stdout. An invalid LOG_LEVEL is reported by on_starting, in one line; until then, INFO.
+_level = os.environ.get("LOG_LEVEL", "INFO").strip().upper()
+_level = _level if _level in {"DEBUG", "INFO", "WARNING", "ERROR"} else "INFO"
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "app.logs.JsonFormatter"}},
+    "handlers": {
+        "json": {"class": "app.logs.JsonStreamHandler", "formatter": "json", "stream": "ext://sys.stdout"},
+        "none": {"class": "logging.NullHandler"},
+    },
+    "root": {"level": _level, "handlers": ["json"]},
+    "loggers": {
+        "gunicorn.error": {"level": _level, "handlers": [], "propagate": True},
+        # The app logs every request itself, with its id and Host: gunicorn's access line would say it twice.
+        "gunicorn.access": {"handlers": ["none"], "propagate": False},
+    },
+}
+logging.captureWarnings(True)
 
 
 def on_starting(_server: object) -> None:

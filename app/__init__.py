@@ -16,6 +16,7 @@ from app.config import load_settings
 from app.crypto import Keyring
 from app.errors import register_error_handlers
 from app.extensions import api, db, init_extensions, jwt
+from app.health import init_consumer_registry
 from app.logs import configure_logging, init_request_logging
 from app.queues import celery_settings, redis_client_options
 
@@ -68,6 +69,7 @@ def create_app(overrides: dict[str, Any] | None = None, env: dict[str, str] | No
     init_request_logging(app)
     app.extensions["keyring"] = Keyring(app.config["MASTER_KEY"], app.config["OLD_MASTER_KEYS"])
     celery_init_app(app)
+    init_consumer_registry(app)  # what readiness reads, and the worker step that writes it
 
     from app.auth.routes import blp as internal_blp
     from app.connectors.routes import blp as connectors_blp
@@ -82,6 +84,8 @@ def create_app(overrides: dict[str, Any] | None = None, env: dict[str, str] | No
     app.register_blueprint(
         FlaskBlueprint("swagger_ui", __name__, static_folder=swagger_assets, static_url_path="/docs/swagger-ui")
     )
+    # flask-smorest serves the UI at /docs only; /docs/ is the same page, not a 404.
+    app.add_url_rule("/docs/", "swagger_ui_page", app.view_functions["api-docs.openapi_swagger_ui"])
 
     from app.cli import register_commands
 

@@ -1,4 +1,5 @@
-"""`flask --app wsgi token HOST_ID`, `flask --app wsgi reseal-configs` and `flask --app wsgi db ...`."""
+"""The `flask --app wsgi ...` commands: tokens and keys, the development sinks, re-sealing, migrations, and the
+operators' read-only views (`app/operators.py`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flask_jwt_extended import create_access_token
 
 from app.connectors.service import reseal_all
 from app.extensions import init_migrations
+from app.operators import register_operator_commands
 
 
 class _MigrationsCommand(click.Command):
@@ -42,6 +44,7 @@ class _MigrationsCommand(click.Command):
 
 def register_commands(app: Flask) -> None:
     app.cli.add_command(_MigrationsCommand("db", help="Database migrations (Flask-Migrate's `db` commands)."))
+    register_operator_commands(app)  # connectors, messages, message, events: read-only
 
     @app.cli.command("token")
     @click.argument("subject")
@@ -66,13 +69,40 @@ def register_commands(app: Flask) -> None:
 
         run_mail_sink(host, port)
 
+    @app.cli.command("provider-sink")
+    @click.option("--host", default="127.0.0.1", show_default=True)
+    @click.option("--port", default=8026, show_default=True, type=click.IntRange(1, 65535))
+    def provider_sink(host: str, port: int) -> None:
+        """A development HTTP server playing Twilio, WhatsApp Cloud and Telegram: prints every message it receives."""
+        from app.devsink import run_provider_sink
+
+        run_provider_sink(host, port)
+
+    @app.cli.command("keys")
+    def keys() -> None:
+        """Print a fresh JWT_SECRET_KEY and MASTER_KEY, as .env lines."""
+        import secrets
+
+        click.echo(f"JWT_SECRET_KEY={secrets.token_hex(32)}")
+        click.echo(f"MASTER_KEY={secrets.token_hex(32)}")
+
     @app.cli.command("reseal-configs")
     def reseal_configs() -> None:
-        """Re-seal every connector config under the current MASTER_KEY (after a rotation)."""
-        count, unopenable = reseal_all()
-        click.echo(f"re-sealed {count} connector(s)")
-        if unopenable:
-            click.echo(
-                f"{len(unopenable)} connector(s) open with no known key: {', '.join(map(str, unopenable))}", err=True
-            )
+        """Re-seal connector configs, message bodies and digest keys under the current MASTER_KEY (after a rotation).
+
+        Once it reports with exit status 0, the keys of OLD_MASTER_KEYS can go. Exit status 1 when some rows open
+        with no known key: they are listed (a digest key by its Host's id) and left as they are.
+        """
+        report = reseal_all()
+        kinds = (
+            ("connector(s)", report.connectors),
+            ("message body(ies)", report.message_bodies),
+            ("Host digest key(s)", report.digest_keys),
+        )
+        for label, kind in kinds:
+            click.echo(f"re-sealed {kind.count} {label}")
+        stuck = [(label, kind.unopenable) for label, kind in kinds if kind.unopenable]
+        for label, ids in stuck:
+            click.echo(f"{len(ids)} {label} open with no known key: {', '.join(map(str, ids))}", err=True)
+        if stuck:
             raise SystemExit(1)

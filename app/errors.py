@@ -47,12 +47,37 @@ class ErrorEnvelopeSchema(Schema):
     )
 
 
-def documents_errors(blp: Blueprint, *codes: int) -> Callable[[Callable], Callable]:
-    """Declare the error statuses a view can answer, with the envelope schema, in /openapi.json."""
+# What an error status means wherever it is answered, and the error_code values it can carry on every route;
+# a route names the further codes it can answer (a 409's `in_progress`, say) where it declares the status.
+STATUS_MEANINGS = {
+    400: "The request is malformed: `errors` names each field",
+    401: "No valid bearer token",
+    403: "The token is not a service token",
+    404: "Not found (another Host's connector is as unknown as a missing one)",
+    409: "Conflicts with the current state",
+    413: "The body is larger than MAX_BODY_BYTES",
+    422: "Valid, but cannot be done",
+    429: "A rate limit was hit; Retry-After says when to try again",
+    502: "The provider or the worker failed: `error_code` says why",
+    503: "Unavailable for now; Retry-After says when to try again",
+}
+ALWAYS = {503: (DATABASE_UNAVAILABLE,)}
+
+
+def documents_errors(
+    blp: Blueprint, *statuses: int, error_codes: dict[int, tuple[str, ...]] | None = None
+) -> Callable[[Callable], Callable]:
+    """Declare the error statuses a view can answer in /openapi.json: the envelope schema, what the status means,
+    and the `error_code` values it can carry."""
+    error_codes = error_codes or {}
 
     def decorator(view: Callable) -> Callable:
-        for code in codes:
-            view = blp.alt_response(code, schema=ErrorEnvelopeSchema, description=HTTPStatus(code).phrase)(view)
+        for status in statuses:
+            codes = (*ALWAYS.get(status, ()), *error_codes.get(status, ()))
+            description = STATUS_MEANINGS.get(status, HTTPStatus(status).phrase)
+            if codes:
+                description += ". `error_code`: " + ", ".join(f"`{code}`" for code in codes)
+            view = blp.alt_response(status, schema=ErrorEnvelopeSchema, description=description)(view)
         return view
 
     return decorator

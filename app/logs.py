@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import re
 import sys
+import threading
 import time
 import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from celery.signals import beat_init, celeryd_init, setup_logging
 from flask import Flask, Response, g, request
 
 from app.redact import redact
@@ -42,15 +46,89 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str) -> None:
+class JsonStreamHandler(logging.StreamHandler):
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        # logging reports a failed write on stderr; from a thread relaying stderr (see _relay_stray_output),
+        # that report would come back to this handler, fail again, and so on for ever.
+        if threading.current_thread() not in _relaying:
+            super().handleError(record)
+
+
+def configure_logging(level: str | int | None = None) -> None:
+    """One JSON handler on the root logger, on stdout; Python's warnings go through it too. Without `level`,
+    the root logger's level is left as it is (for lines logged before the settings are read)."""
     root = logging.getLogger()
     if not any(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = JsonStreamHandler(sys.stdout)
         handler.setFormatter(JsonFormatter())
         root.addHandler(handler)
-    root.setLevel(level)
+    logging.captureWarnings(True)
+    if level is not None:
+        root.setLevel(level)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@setup_logging.connect
+def _celery_logging(loglevel: int | None = None, **_options: Any) -> None:
+    # A receiver of this signal tells the worker and beat that logging is configured: Celery then adds none
+    # of its plain-text handlers. `--loglevel` still sets the level.
+    configure_logging(loglevel)
+
+
+def configure_celery_process_logging() -> None:
+    """For the worker's and beat's entry point: JSON from the first line (reading the settings may log), and,
+    once the worker or beat starts, what they write past logging made JSON too."""
+    configure_logging()
+    celeryd_init.connect(_relay_stray_output, weak=False)
+    beat_init.connect(_relay_stray_output, weak=False)
+
+
+_relaying: list[threading.Thread] = []
+
+
+def _relay_stray_output(**_signal: Any) -> None:
+    """Make every line written straight to this process's stdout or stderr a JSON log line.
+
+    Celery's worker writes "worker: Warm shutdown (MainProcess)" with os.write on file descriptor 1 from its
+    SIGTERM handler, with no setting to turn it off (celery/celery#8101); anything else that prints (a
+    library, the interpreter's last words) would be plain text too. Descriptors 1 and 2 become pipes, read
+    by threads that log each line; the JSON handler writes to a copy of the original stdout.
+    """
+    if _relaying:
+        return
+    handler = next(h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    originals = {fd: os.dup(fd) for fd in (1, 2)}
+    handler.setStream(os.fdopen(os.dup(originals[1]), "w", encoding="utf-8", errors="replace", buffering=1))
+    for fd, level in ((1, logging.INFO), (2, logging.WARNING)):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        thread = threading.Thread(target=_relay, args=(read_end, fd, level), name=f"relay-fd{fd}", daemon=True)
+        thread.start()
+        _relaying.append(thread)
+    atexit.register(_stop_relaying, originals)
+
+
+def _relay(read_end: int, fd: int, level: int) -> None:
+    logger = logging.getLogger("connectors.stdout" if fd == 1 else "connectors.stderr")
+    with os.fdopen(read_end, encoding="utf-8", errors="replace") as pipe:
+        for line in pipe:
+            if line.strip():
+                logger.log(level, "%s", line.rstrip("\n"))
+
+
+def _stop_relaying(originals: dict[int, int]) -> None:
+    # Closing the pipes' last write ends lets the threads log what is left and end; what the interpreter
+    # writes after this goes where it would have gone, as it is.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, original in originals.items():
+        os.dup2(original, fd)
+    for thread in _relaying:
+        thread.join(timeout=2)
 
 
 def incoming_request_id(value: str | None) -> str:

@@ -128,7 +128,7 @@ def test_worker_consumes_every_queue_the_app_declares():
     from app.queues import DISPATCH_QUEUE, queue_names
 
     words = shlex.split(procfile()["worker"])
-    assert words[:4] == ["celery", "-A", "celery_app", "worker"]
+    assert words[:5] == ["celery", "-A", "celery_app", "--quiet", "worker"]
     # Without -Q a worker consumes every queue of task_queues: a new connector type needs no edit here.
     assert "-Q" not in words and "--queues" not in words
     assert sorted(queue_names()) == sorted([*TYPE_NAMES, DISPATCH_QUEUE])
@@ -140,7 +140,14 @@ def test_each_queue_has_its_own_exchange(app):
 
 
 def test_beat_runs_the_periodic_work():
-    assert shlex.split(procfile()["beat"])[:4] == ["celery", "-A", "celery_app", "beat"]
+    assert shlex.split(procfile()["beat"])[:5] == ["celery", "-A", "celery_app", "--quiet", "beat"]
+
+
+@pytest.mark.parametrize("process", ["worker", "beat"])
+def test_celery_prints_no_plain_text_banner(process):
+    # The banner is printed, not logged: --quiet (an option of `celery` itself, before the command) drops it.
+    words = shlex.split(procfile()[process])
+    assert words.index("--quiet") < words.index(process)
 
 
 # --- docker-compose.yml -----------------------------------------------------------------------------------

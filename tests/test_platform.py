@@ -272,6 +272,31 @@ def test_openapi_documents_every_endpoint_status_and_the_bearer_scheme(client):
     assert set(connector) == {"id", "type", "name", "is_verified", "priority", "created_at"}
 
 
+def test_every_operation_is_described_and_says_which_error_codes_each_status_carries(client):
+    paths = client.get("/openapi.json").get_json()["paths"]
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if method == "parameters":
+                continue
+            assert operation["summary"] and len(operation.get("description", "")) > 40, (path, method)
+            answer = operation["responses"].get("503", {})
+            if path.startswith("/api/") and "/health" not in path:
+                assert "`database_unavailable`" in answer["description"], (path, method)
+
+    def described(path: str, method: str, status: str) -> str:
+        return paths[path][method]["responses"][status]["description"]
+
+    assert "`last_connector`" in described("/api/connectors/{connector_id}", "delete", "409")
+    unprocessable = described("/api/internal/hosts/{host_id}/messages", "post", "422")
+    assert "`no_route`" in unprocessable and "`idempotency_key_reused`" in unprocessable
+    for action in ("test", "verify"):
+        path = f"/api/connectors/{{connector_id}}/{action}"
+        assert "`in_progress`" in described(path, "post", "409")
+        for code in ("auth_failed", "destination_rejected", "provider_error", "timeout", "worker_error"):
+            assert f"`{code}`" in described(path, "post", "502"), (action, code)
+        assert "`busy`" in described(path, "post", "503") and "`broker_unavailable`" in described(path, "post", "503")
+
+
 def test_swagger_ui_is_served_from_this_service_alone(client):
     response = client.get("/docs")
     assert response.status_code == 200

@@ -28,7 +28,10 @@ class HostWill(MethodView):
 
     @blp.arguments(WillStateSchema)
     @blp.response(200, WillStateOutSchema)
-    @documents_errors(blp, 401, 403, 404, 413, 503)
+    @documents_errors(blp, 401, 403, 413, 503)
     def put(self, data: dict, host_id: uuid.UUID) -> Host:
-        """Record whether a Host's will is active (will service only)"""
+        """Record whether a Host's will is active (will service only)
+
+        While it is active, the Host's last connector cannot be deleted. The Host is created if it is new.
+        """
         return service.set_will_active(host_id, data["active"])

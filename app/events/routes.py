@@ -39,5 +39,9 @@ class Events(MethodView):
     @blp.response(200, EventListSchema)
     @documents_errors(blp, 401, 403, 503)
     def get(self, query: dict) -> dict:
-        """Events after the given id, oldest first: what EVENTS_WEBHOOK_URL receives, to poll instead"""
+        """Events after the given id, oldest first: what EVENTS_WEBHOOK_URL receives, to poll instead
+
+        Ids become visible in order, so a poller that passes the last id it saw never skips one. Events are
+        kept EVENTS_RETENTION seconds.
+        """
         return {"events": [service.as_json(event) for event in service.list_events(query["after"], query["limit"])]}

@@ -5,7 +5,7 @@ import uuid
 from flask.views import MethodView
 
 from app.auth import service_required
-from app.errors import documents_errors
+from app.errors import IDEMPOTENCY_KEY_REUSED, NO_ROUTE, documents_errors
 from app.extensions import Blueprint
 from app.messages import service
 from app.messages.schemas import (
@@ -29,9 +29,15 @@ class HostMessages(MethodView):
     @blp.arguments(MessageCreateSchema)
     @blp.response(202, MessageSchema, description="Accepted: the message is stored and will be dispatched")
     @blp.alt_response(200, schema=MessageSchema, description="The message this Idempotency-Key already made")
-    @documents_errors(blp, 401, 403, 404, 413, 422, 503)
+    @documents_errors(blp, 401, 403, 404, 413, 422, 503, error_codes={422: (NO_ROUTE, IDEMPOTENCY_KEY_REUSED)})
     def post(self, headers: dict, data: dict, host_id: uuid.UUID) -> tuple[dict, int]:
-        """Deliver a notification or OTP through the Host's connectors, in priority order with fallback"""
+        """Deliver a notification or OTP through the Host's connectors, in priority order with fallback
+
+        The message is stored (its words sealed) before the 202, then tried through each connector that can
+        reach the recipient, in the Host's order, until a provider accepts it; rounds repeat after a backoff
+        until `expires_at`. The same Idempotency-Key with the same body answers 200 with the same message;
+        with another body, 422 `idempotency_key_reused`. No connector can reach the recipient: 422 `no_route`.
+        """
         message, created = service.create_message(host_id, headers["key"], data)
         return service.view(message), 202 if created else 200
 
@@ -39,7 +45,10 @@ class HostMessages(MethodView):
     @blp.response(200, MessageListSchema)
     @documents_errors(blp, 401, 403, 404, 503)
     def get(self, query: dict, host_id: uuid.UUID) -> dict:
-        """A Host's messages, newest first"""
+        """A Host's messages, newest first
+
+        Optionally of one `status`; each with its attempts, masked, never its text.
+        """
         messages = service.list_messages(host_id, query.get("status"), query["limit"])
         return {"messages": service.views(messages)}
 
@@ -51,5 +60,8 @@ class MessageById(MethodView):
     @blp.response(200, MessageSchema)
     @documents_errors(blp, 401, 403, 404, 503)
     def get(self, message_id: uuid.UUID) -> dict:
-        """A message, its status and every attempt, oldest first (never its text)"""
+        """A message, its status and every attempt, oldest first (never its text)
+
+        Each attempt names its connector and type, the masked destination, its status and error code.
+        """
         return service.view(service.get_message(message_id))
