@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, Uuid, text
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
@@ -23,6 +23,7 @@ FINISHED = (SENT, VERIFIED, FAILED)  # what a worker recorded
 TEST, CHECK, MESSAGE = "test", "check", "message"
 OPEN_FILTER = text("status IN ('pending', 'sending')")
 OPEN_PROBE_FILTER = text("status IN ('pending', 'sending') AND kind IN ('test', 'check')")
+PROBE_FILTER = text("kind IN ('test', 'check')")
 
 
 class DeliveryAttempt(db.Model):
@@ -46,6 +47,14 @@ class DeliveryAttempt(db.Model):
         Index(
             "ix_delivery_attempts_open_deadline", "deadline_at", postgresql_where=OPEN_FILTER, sqlite_where=OPEN_FILTER
         ),
+        # Retention keeps each connector's latest 20 tests and checks: found without reading its dispatch attempts.
+        Index(
+            "ix_delivery_attempts_probe_connector_created",
+            "connector_id",
+            "created_at",
+            postgresql_where=PROBE_FILTER,
+            sqlite_where=PROBE_FILTER,
+        ),
         # At most once per connector and round of a message: a second claim of the same send fails here.
         Index("uq_delivery_attempts_message_connector_round", "message_id", "connector_id", "round", unique=True),
     )
@@ -57,7 +66,11 @@ class DeliveryAttempt(db.Model):
     kind: Mapped[str] = mapped_column(String(16), nullable=False, default=TEST, server_default=TEST)
     message_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("messages.id", ondelete="CASCADE"))
     round: Mapped[int | None] = mapped_column(Integer)
-    destination: Mapped[str | None] = mapped_column(String(320))
+    destination: Mapped[str | None] = mapped_column(String(320))  # masked
+    # A test's full destination, sealed under the Host's key for the worker (the broker carries only the
+    # attempt's id), and erased once the attempt is over.
+    destination_key_id: Mapped[str | None] = mapped_column(String(32))
+    destination_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(16), nullable=False, default=PENDING)
     error_code: Mapped[str | None] = mapped_column(String(32))
     message: Mapped[str | None] = mapped_column(Text)

@@ -98,6 +98,7 @@ def register_commands(app: Flask) -> None:
             ("connector(s)", report.connectors),
             ("message body(ies)", report.message_bodies),
             ("Host digest key(s)", report.digest_keys),
+            ("test destination(s)", report.test_destinations),
         )
         for label, kind in kinds:
             click.echo(f"re-sealed {kind.count} {label}")

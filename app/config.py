@@ -51,6 +51,18 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     return value
 
 
+def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str:
+    """A rate limit in flask-limiter's notation ("600 per minute", "10/second;1000/hour")."""
+    from limits import parse_many
+
+    raw = env.get(name, "").strip() or default
+    try:
+        parse_many(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a rate limit such as '600 per minute', not {raw!r}") from None
+    return raw
+
+
 def _master_key(name: str, raw: str) -> bytes:
     raw = raw.strip()
     try:
@@ -206,8 +218,12 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
         "EVENTS_WEBHOOK_SECRET": webhook_secret,
         "EVENTS_RETRY_BASE": _number(env, "EVENTS_RETRY_BASE", 1.0, 0.1, 3600.0),
         "EVENTS_RETENTION": _number(env, "EVENTS_RETENTION", 30 * 86400.0, 86400.0, 3650 * 86400.0),
+        "MESSAGE_RETENTION": _number(env, "MESSAGE_RETENTION", 90 * 86400.0, 86400.0, 3650 * 86400.0),
+        "ATTEMPT_RETENTION": _number(env, "ATTEMPT_RETENTION", 90 * 86400.0, 86400.0, 3650 * 86400.0),
         "DISPATCH_RETRY_BASE": _number(env, "DISPATCH_RETRY_BASE", 30.0, 0.1, 3600.0),
         "DISPATCH_RETRY_MAX": _number(env, "DISPATCH_RETRY_MAX", 3600.0, 0.1, 86400.0),
+        "DISPATCH_LIMIT": _rate_limit(env, "DISPATCH_LIMIT", "600 per minute"),
+        "DISPATCH_HOST_CONCURRENCY": int(_number(env, "DISPATCH_HOST_CONCURRENCY", 10, 1, 10_000)),
         "TWILIO_API_BASE_URL": env.get("TWILIO_API_BASE_URL", "https://api.twilio.com").rstrip("/"),
         "WHATSAPP_API_BASE_URL": env.get("WHATSAPP_API_BASE_URL", "https://graph.facebook.com").rstrip("/"),
         "TELEGRAM_API_BASE_URL": env.get("TELEGRAM_API_BASE_URL", "https://api.telegram.org").rstrip("/"),

@@ -23,6 +23,7 @@ from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.json import dumps, loads
 
 from app.channels import CHANNELS
+from app.messages.models import OTP
 
 
 class _AtomicChannel(filesystem.Channel):
@@ -70,6 +71,8 @@ FAIL_FAST = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "inter
 # Each connector type's sends and checks run on the type's own queue, so a slow provider holds up only its
 # own kind; deciding what a message does next, and the periodic sweep, run on this one.
 DISPATCH_QUEUE = "dispatch"
+# One-time codes' jobs (deciding and sending): apart, so that they never wait behind a flood of notifications.
+OTP_QUEUE = "otp"
 
 # Every job, by name. Tests and checks run on the connector type's queue; the rest on `dispatch`.
 SEND_TEST = "deliveries.send_test"
@@ -87,23 +90,33 @@ COALESCE_SECONDS = 0.25
 log = logging.getLogger(__name__)
 
 
+def advance_queue(purpose: str) -> str:
+    """Where a message's decisions run: one-time codes apart, so they never wait behind a flood of notifications."""
+    return OTP_QUEUE if purpose == OTP else DISPATCH_QUEUE
+
+
+def send_queue(purpose: str, connector_type: str) -> str:
+    """Where a message's provider calls run: one-time codes apart, the rest on their connector type's queue."""
+    return OTP_QUEUE if purpose == OTP else CHANNELS[connector_type].queue
+
+
 def queue_names() -> list[str]:
-    return [*(kind.queue for kind in CHANNELS.values()), DISPATCH_QUEUE]
+    return [OTP_QUEUE, *(kind.queue for kind in CHANNELS.values()), DISPATCH_QUEUE]
 
 
-def _send(celery: Celery, task_name: str, args: tuple[Any, ...], queue: str) -> bool:
+def _send(celery: Celery, task_name: str, args: tuple[Any, ...], queue: str, countdown: float | None = None) -> bool:
     try:
-        celery.send_task(task_name, args=args, queue=queue)
+        celery.send_task(task_name, args=args, queue=queue, countdown=countdown)
         return True
     except Exception as exc:  # kombu raises several types when the broker is down
         log.warning("could not queue %s: %s; the sweep will pick it up", task_name, type(exc).__name__)
         return False
 
 
-def nudge(task_name: str, *args: Any, queue: str = DISPATCH_QUEUE) -> bool:
+def nudge(task_name: str, *args: Any, queue: str = DISPATCH_QUEUE, countdown: float | None = None) -> bool:
     """Queue a job that only speeds up what the database already says must happen (the sweep would find it
-    later); False, logged, when the broker cannot take it."""
-    return _send(current_app.extensions["celery"], task_name, args, queue)
+    later), now or in `countdown` seconds; False, logged, when the broker cannot take it."""
+    return _send(current_app.extensions["celery"], task_name, args, queue, countdown)
 
 
 _coalesce_lock = threading.Lock()

@@ -52,7 +52,7 @@ from tests.support import E2E_REDIS_DB_OFFSET, shifted_redis_url
 ROOT = Path(__file__).resolve().parent.parent
 PROCFILE = ROOT / "Procfile"
 KINDS = ("email", "sms", "whatsapp", "telegram")
-QUEUES = (*KINDS, "dispatch")
+QUEUES = ("otp", *KINDS, "dispatch")
 PROCESSES = ("release", "web", "worker", "beat")
 READY_SECONDS = 60
 TEST_DELIVERY_TIMEOUT = 4

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 SLOW_SECONDS = 4.0
+DRIP_SECONDS = 0.25  # between two bytes of a dripped answer
+HUGE_BYTES = 64 * 1024 * 1024
 _request = threading.local()  # the peer generation an HTTP request began in
 
 
@@ -68,6 +70,10 @@ class Peer:
                 self.__dict__.pop(name, None)
             if hasattr(self, "rcpt_count"):
                 self.rcpt_count = 0
+            if hasattr(self, "gave_up_after"):
+                self.gave_up_after, self.bytes_written = [], 0
+            if hasattr(self, "refused"):
+                self.refused = 0
 
     def wait_for(self, count: int, seconds: float = 5.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + seconds
@@ -105,6 +111,8 @@ class _SmtpHandler:
             await asyncio.sleep(SLOW_SECONDS)
         if self.peer.mode == "error":
             return "451 4.3.0 Local error in processing"
+        if self.peer.mode == "endless":  # a reply of continuation lines far past any real one
+            return "250-" + "\r\n250-".join(["x" * 900] * 400) + "\r\n250 accepted"
         self.peer.record(
             {
                 "mail_from": envelope.mail_from,
@@ -115,6 +123,8 @@ class _SmtpHandler:
             },
             generation,
         )
+        if self.peer.mode == "garbled":  # taken, but the final reply cannot be read
+            return "2x0 Message accepted"
         return "250 Message accepted"
 
 
@@ -191,6 +201,8 @@ class HttpPeer(Peer):
     def __init__(self, **credentials: str) -> None:
         super().__init__(credentials=credentials)
         self.connections = 0
+        self.bytes_written = 0  # of huge answers
+        self.gave_up_after: list[float] = []  # seconds into an answer at which the client hung up
         peer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -213,14 +225,31 @@ class HttpPeer(Peer):
                 time.sleep(peer.delay)
                 status, payload = peer.answer(self.command, self.path, self.headers, body)
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                if peer.mode == "garbled":  # taken, but the answer is not what the API sends
+                    data = b"<html><body>Service temporarily overloaded</body></html>"
+                # "huge": an answer far longer than any API's; "drip": the real answer, a byte at a time.
+                size = HUGE_BYTES if peer.mode == "huge" else len(data)
+                started = time.monotonic()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
+                    self.send_header("Content-Length", str(size))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if peer.mode == "huge":
+                        chunk = b" " * 65536
+                        for _ in range(size // len(chunk)):
+                            self.wfile.write(chunk)
+                            peer.bytes_written += len(chunk)
+                    elif peer.mode == "drip":
+                        for index in range(len(data)):
+                            self.wfile.write(data[index : index + 1])
+                            self.wfile.flush()
+                            time.sleep(DRIP_SECONDS)
+                    else:
+                        self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up first (the slow mode's point)
+                    # The client gave up first (the point of the slow, drip and huge modes): when.
+                    peer.gave_up_after.append(time.monotonic() - started)
 
             do_GET = do_POST = _handle  # noqa: N815
 
@@ -309,6 +338,8 @@ class TwilioPeer(HttpPeer):
             }
         if self.mode == "error":
             return 500, {"code": 20500, "message": "Internal Server Error", "status": 500}
+        if self.mode == "quote":  # a content filter quoting what it refused
+            return 400, {"code": 30007, "message": f"Message filtered: {form.get('Body')}", "status": 400}
         self.record(
             {"to": form.get("To"), "from": form.get("From"), "body": form.get("Body"), "account": match.group(1)}
         )

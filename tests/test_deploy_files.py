@@ -125,13 +125,13 @@ def test_web_runs_gunicorn_with_its_config_file_on_every_interface_at_port(monke
 
 def test_worker_consumes_every_queue_the_app_declares():
     from app.channels import TYPE_NAMES
-    from app.queues import DISPATCH_QUEUE, queue_names
+    from app.queues import DISPATCH_QUEUE, OTP_QUEUE, queue_names
 
     words = shlex.split(procfile()["worker"])
     assert words[:5] == ["celery", "-A", "celery_app", "--quiet", "worker"]
     # Without -Q a worker consumes every queue of task_queues: a new connector type needs no edit here.
     assert "-Q" not in words and "--queues" not in words
-    assert sorted(queue_names()) == sorted([*TYPE_NAMES, DISPATCH_QUEUE])
+    assert sorted(queue_names()) == sorted([*TYPE_NAMES, DISPATCH_QUEUE, OTP_QUEUE])
 
 
 def test_each_queue_has_its_own_exchange(app):

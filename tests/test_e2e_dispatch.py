@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 e2e_peers, providers, stack = e2e_stack.e2e_peers, e2e_stack.providers, e2e_stack.stack
 
 RECIPIENT = {"email": "ana@example.org", "phone": "+14155552671", "telegram_chat_id": "123456789"}
-FINAL = {"delivered", "failed", "expired"}
+FINAL = {"delivered", "failed", "expired", "unknown"}
 LEASE = 2 * PROVIDER_TIMEOUT
 
 
@@ -119,14 +119,15 @@ def test_a_worker_killed_inside_the_provider_call_never_sends_twice_on_that_conn
 
 def flush_broker(stack: Stack) -> list[str]:
     """Lose every job the broker holds (FLUSHDB of the stack's Redis db; on the embedded broker, its queued
-    message files); the raw jobs of the dispatch queue that were lost."""
+    message files); the raw jobs of the queues of messages' decisions (`dispatch`, and `otp` for one-time codes)
+    that were lost."""
     if stack.uses_redis:
         client = redis.Redis.from_url(stack.env["REDIS_URL"])
-        jobs = [raw.decode() for raw in client.lrange("dispatch", 0, -1)]
+        jobs = [raw.decode() for queue in ("dispatch", "otp") for raw in client.lrange(queue, 0, -1)]
         client.flushdb()
         return jobs
     queued = [path for path in (stack.instance / "broker" / "queue").iterdir() if path.name.endswith(".msg")]
-    jobs = [path.read_text() for path in queued if path.name.endswith(".dispatch.msg")]
+    jobs = [path.read_text() for path in queued if path.name.endswith((".dispatch.msg", ".otp.msg"))]
     for path in queued:
         path.unlink(missing_ok=True)
     return jobs

@@ -6,6 +6,7 @@ import shutil
 import threading
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -168,16 +169,19 @@ def test_a_job_reaching_a_worker_after_the_callers_deadline_is_not_sent(app, cli
     connector = create_connector(client, host, "email", peers=peers)
     from app.attempts import DeliveryAttempt
     from app.extensions import db
+    from app.timeutil import db_now
 
     attempt_id = uuid.uuid4()
     with app.app_context():
-        db.session.add(DeliveryAttempt(id=attempt_id, connector_id=uuid.UUID(connector["id"]), destination="s***@x"))
+        past = db_now() - timedelta(seconds=1)  # the caller's deadline, on the database's clock
+        db.session.add(
+            DeliveryAttempt(
+                id=attempt_id, connector_id=uuid.UUID(connector["id"]), destination="s***@x", deadline_at=past
+            )
+        )
         db.session.commit()
     late = app.extensions["celery"].send_task(
-        "deliveries.send_test",
-        args=[str(attempt_id), "survivor@example.org"],
-        kwargs={"deadline": time.time() - 1},
-        queue="email",
+        "deliveries.send_test", args=[str(attempt_id), "survivor@example.org"], queue="email"
     )
     outcome = late.get(timeout=10)
     assert outcome["success"] is False and outcome["error_code"] == "timeout"

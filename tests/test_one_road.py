@@ -136,7 +136,7 @@ def _twice_from_one_thread(send) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("kind", ["sms", "whatsapp"])
-def test_a_thread_keeps_one_connection_to_the_provider_for_its_sends(peers, kind):
+def test_a_thread_keeps_one_connection_to_the_provider_for_its_sends(app, peers, kind):  # app: peers reset after
     peer = getattr(peers, "twilio" if kind == "sms" else "whatsapp")
     settings = ProviderSettings(timeout=2, twilio_base_url=peers.twilio.base_url, whatsapp_base_url=peer.base_url)
     provider = (TwilioSmsProvider if kind == "sms" else WhatsAppProvider)(settings)

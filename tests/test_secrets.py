@@ -119,3 +119,37 @@ def test_errors_are_logged_with_their_traceback_as_a_scrubbed_field_of_the_json_
     assert entry["error_type"] == "RuntimeError" and "Traceback" in entry["traceback"]
     assert "RuntimeError: library said [redacted]" in entry["traceback"]
     assert SECRET not in line and _base64_at(b"u") not in line
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize("kind", ["email", "sms", "telegram"])
+def test_a_tests_destination_never_crosses_the_broker_and_is_erased_when_the_attempt_ends(
+    app, client, host, peers, kind
+):
+    from celery.signals import before_task_publish
+    from sqlalchemy import text
+
+    from app.extensions import db
+    from tests.support import db_id
+
+    published: list[str] = []
+
+    def capture(body=None, headers=None, **_):  # noqa: ANN001, ANN202
+        published.append(json.dumps([body, headers], default=str))
+
+    connector = create_connector(client, host, kind, peers=peers)
+    destination = DESTINATIONS[kind]
+    before_task_publish.connect(capture, weak=False)
+    try:
+        assert send_test(client, host, connector["id"], destination).status_code == 200
+    finally:
+        before_task_publish.disconnect(capture)
+    assert published and not any(destination in message or destination.lstrip("+") in message for message in published)
+    with app.app_context():
+        sealed = db.session.execute(
+            text("SELECT destination, destination_sealed FROM delivery_attempts WHERE connector_id = :c"),
+            {"c": db_id(app, connector["id"])},
+        ).all()
+        db.session.remove()
+    [(masked, kept)] = sealed
+    assert masked != destination and kept is None

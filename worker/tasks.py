@@ -32,10 +32,16 @@ log = logging.getLogger(__name__)
 
 @shared_task(name=SEND_TEST, bind=True)
 def send_test(
-    task: Task, attempt_id: str, destination: str, request_id: str | None = None, deadline: float | None = None
+    task: Task,
+    attempt_id: str,
+    destination: str | None = None,
+    request_id: str | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """A test message to `destination`, for a Host waiting on the answer until `deadline`."""
-    return _probe(task, "test delivery", attempt_id, destination, request_id, deadline)
+    """A test message to the destination sealed in the attempt, for a Host waiting on the answer until the
+    attempt's deadline. Jobs queued by an older web process carry `destination` (used when the attempt holds none)
+    and a wall-clock `deadline` (no longer read: the deadline is the attempt's, on the database's clock)."""
+    return _probe(task, "test delivery", attempt_id, destination, request_id)
 
 
 @shared_task(name=CHECK_CONNECTOR, bind=True)
@@ -43,15 +49,13 @@ def check_connector(
     task: Task, attempt_id: str, request_id: str | None = None, deadline: float | None = None
 ) -> dict[str, Any]:
     """Prove the credentials and the sender without delivering anything (a Host's check, or the re-check)."""
-    return _probe(task, "check", attempt_id, None, request_id, deadline)
+    return _probe(task, "check", attempt_id, None, request_id)
 
 
-def _probe(
-    task: Task, what: str, attempt_id: str, destination: str | None, request_id: str | None, deadline: float | None
-) -> dict[str, Any]:
+def _probe(task: Task, what: str, attempt_id: str, destination: str | None, request_id: str | None) -> dict[str, Any]:
     request_id_var.set(request_id)  # the web request's id, in every line this task logs
     started = time.perf_counter()
-    ran = run_probe(uuid.UUID(attempt_id), destination, deadline)
+    ran = run_probe(uuid.UUID(attempt_id), destination)
     _log(task, f"{what} {attempt_id}: {ran.label}", ran, started, attempt_id=attempt_id)
     if ran.outcome is None:
         raise Ignore()  # a copy of a job already taken: its claimant answers the caller

@@ -11,7 +11,7 @@ import ssl
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, ClassVar
 
@@ -22,15 +22,40 @@ class DeliveryError(Exception):
     """A failed provider exchange: one code of `app.outcomes`, the service's own words, and the provider's.
 
     `message` is ours and never holds a secret; `reply` is what the provider said, which may quote anything it
-    was sent (a password, a token), so it is scrubbed, or withheld, before anyone sees it.
+    was sent (a password, a token), so it is scrubbed, or withheld, before anyone sees it. `maybe_sent`: the
+    request reached the provider and no refusal came back (a timeout, a cut connection, an unreadable success),
+    so the provider may have accepted the message: it must never be sent again through this connector.
     """
 
-    def __init__(self, code: str, message: str, retry_after: float | None = None, *, reply: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        reply: str | None = None,
+        maybe_sent: bool = False,
+    ) -> None:
         super().__init__(f"{message}: {reply}" if reply else message)
         self.code = code
         self.message = message
         self.reply = reply or None
         self.retry_after = retry_after  # seconds the provider asked us to wait (a 429's hint), if any
+        self.maybe_sent = maybe_sent
+
+
+@dataclass
+class Exchange:
+    """How far one provider call got: whether a request went out, and whether the provider refused it."""
+
+    request_out: bool = False  # the request started going out: the provider may have acted on it
+    refused: bool = False  # an error answer came back (HTTP 4xx or 5xx, an SMTP error reply): it did not
+    statuses: list[int] = field(default_factory=list)  # the HTTP statuses answered, in order
+
+    @property
+    def maybe_sent(self) -> bool:
+        """Whether the provider may have accepted what was asked: a request went out and nothing refused it."""
+        return self.request_out and not self.refused
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate
 
-from app.channels.base import ChannelType, DeliveryError, OutgoingMessage, Provider, tls_context
+from app.channels.base import ChannelType, DeliveryError, Exchange, OutgoingMessage, Provider, tls_context
 from app.channels.netguard import connect_checked, literal_host_blocked
 from app.fields import PRINTABLE_ASCII, EmailAddress, StrictInteger, credential, email_address
 from app.outcomes import (
@@ -24,6 +24,9 @@ from app.outcomes import (
     PROVIDER_UNREACHABLE,
     SENDER_REJECTED,
 )
+
+# What is read of a server's replies in one session: far more than any real dialogue needs.
+MAX_REPLY_BYTES = 256 * 1024
 
 
 def _hostname(value: str) -> None:
@@ -73,7 +76,45 @@ class _PinnedSocket:
         return connect_checked(host, port, timeout, self.allow_private)
 
 
-class _SMTP(smtplib.SMTP):
+class _ReplyTooLong(smtplib.SMTPException):
+    """The server's replies went past MAX_REPLY_BYTES."""
+
+
+class _CountedReplies:
+    """The server's side of the dialogue as smtplib reads it (`readline`), counted: smtplib bounds each line but
+    not a reply's continuation lines, and a Host's server could send them until the deadline, into memory."""
+
+    def __init__(self, stream: Any, client: Any) -> None:
+        self.stream, self.client = stream, client
+
+    def readline(self, size: int = -1) -> bytes:
+        if self.client.reply_bytes > MAX_REPLY_BYTES:
+            raise _ReplyTooLong()  # again: the session's QUIT must not read on either
+        line = self.stream.readline(size)
+        self.client.reply_bytes += len(line)
+        if self.client.reply_bytes > MAX_REPLY_BYTES:
+            raise _ReplyTooLong()
+        return line
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class _BoundedReplies:
+    """For both SMTP classes: every reply read through `_CountedReplies`, one budget for the whole session (it
+    carries over STARTTLS, after which smtplib makes its reader anew)."""
+
+    reply_bytes = 0
+    file: Any
+    sock: Any
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:
+            self.file = _CountedReplies(self.sock.makefile("rb"), self)
+        return super().getreply()  # type: ignore[misc]
+
+
+class _SMTP(_BoundedReplies, smtplib.SMTP):
     def __init__(self, pin: _PinnedSocket, **kwargs: Any) -> None:
         self._pin = pin
         super().__init__(**kwargs)
@@ -82,7 +123,7 @@ class _SMTP(smtplib.SMTP):
         return self._pin.connect(host, port, timeout)
 
 
-class _SMTPSSL(smtplib.SMTP_SSL):
+class _SMTPSSL(_BoundedReplies, smtplib.SMTP_SSL):
     def __init__(self, pin: _PinnedSocket, **kwargs: Any) -> None:
         self._pin = pin
         super().__init__(**kwargs)
@@ -110,15 +151,26 @@ class EmailProvider(Provider):
     secret_fields = ("password",)
 
     def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
+        exchange = Exchange()
+
         def deliver(client: smtplib.SMTP, _greeting: str) -> None:
+            email = self._build(config["from_address"], destination, message)
+            # From here the server may take the message; a failure without a refusal may come after it did.
+            exchange.request_out = True
             try:
-                client.send_message(self._build(config["from_address"], destination, message))
+                client.send_message(email)
             except smtplib.SMTPNotSupportedError:
                 raise DeliveryError(
                     DESTINATION_REJECTED, "SMTP server cannot take this address (no SMTPUTF8 support)"
                 ) from None
+            except smtplib.SMTPResponseException as exc:
+                # An error reply says the server did not take the message. smtplib raises this type for a reply it
+                # could not read too (a code that is not a number, -1; a line too long, its own 500).
+                if 400 <= exc.smtp_code < 600 and exc.smtp_error not in (b"Line too long.", "Line too long."):
+                    exchange.refused = True
+                raise
 
-        self._session(config, deliver)
+        self._session(config, deliver, exchange)
 
     def verify(self, config: dict[str, Any]) -> dict[str, str]:
         details: dict[str, str] = {}
@@ -138,10 +190,14 @@ class EmailProvider(Provider):
         self._session(config, probe)
         return details
 
-    def _session(self, config: dict[str, Any], work: Callable[[smtplib.SMTP, str], None]) -> None:
-        """Connect, secure, log in, then `work`; every failure becomes a DeliveryError."""
+    def _session(
+        self, config: dict[str, Any], work: Callable[[smtplib.SMTP, str], None], exchange: Exchange | None = None
+    ) -> None:
+        """Connect, secure, log in, then `work`; every failure becomes a DeliveryError, which says whether the
+        message may have been taken (`exchange`, which `work` keeps)."""
         host, port = config["smtp_host"], int(config["smtp_port"])
         timeout = self.settings.timeout
+        maybe_sent = (lambda: exchange.maybe_sent) if exchange is not None else (lambda: False)
         with self._client(config) as (client, watchdog):
             try:
                 code, reply = client.connect(host, port)
@@ -183,21 +239,38 @@ class EmailProvider(Provider):
                 raise DeliveryError(PROVIDER_UNREACHABLE, f"SMTP server {host}:{port} refused the session") from None
             except smtplib.SMTPResponseException as exc:
                 raise DeliveryError(
-                    PROVIDER_ERROR, "SMTP server refused the message", reply=_reply_text(exc.smtp_code, exc.smtp_error)
+                    PROVIDER_ERROR,
+                    "SMTP server refused the message",
+                    reply=_reply_text(exc.smtp_code, exc.smtp_error),
+                    maybe_sent=maybe_sent(),  # unless its reply says so (an error code), it may have taken it
                 ) from None
             except ssl.SSLError as exc:
-                raise DeliveryError(PROVIDER_UNREACHABLE, f"TLS with {host}:{port} failed: {exc.reason}") from None
+                raise DeliveryError(
+                    PROVIDER_UNREACHABLE, f"TLS with {host}:{port} failed: {exc.reason}", maybe_sent=maybe_sent()
+                ) from None
             except (OSError, smtplib.SMTPException) as exc:
+                if client.reply_bytes > MAX_REPLY_BYTES:  # whatever closing the session raised after it
+                    raise DeliveryError(
+                        PROVIDER_ERROR,
+                        f"SMTP server {host}:{port} replied more than {MAX_REPLY_BYTES // 1024} KiB",
+                        maybe_sent=maybe_sent(),
+                    ) from None
                 if not watchdog.is_alive():
                     raise DeliveryError(
-                        PROVIDER_UNREACHABLE, f"SMTP server {host}:{port} did not finish within {timeout:g} s"
+                        PROVIDER_UNREACHABLE,
+                        f"SMTP server {host}:{port} did not finish within {timeout:g} s",
+                        maybe_sent=maybe_sent(),
                     ) from None
                 if client.sock is None:
                     raise DeliveryError(PROVIDER_UNREACHABLE, f"cannot connect to SMTP server {host}:{port}") from None
                 if isinstance(exc, TimeoutError):
-                    raise DeliveryError(PROVIDER_UNREACHABLE, f"SMTP server {host}:{port} stopped answering") from None
+                    raise DeliveryError(
+                        PROVIDER_UNREACHABLE, f"SMTP server {host}:{port} stopped answering", maybe_sent=maybe_sent()
+                    ) from None
                 raise DeliveryError(
-                    PROVIDER_UNREACHABLE, f"SMTP conversation with {host}:{port} failed ({type(exc).__name__})"
+                    PROVIDER_UNREACHABLE,
+                    f"SMTP conversation with {host}:{port} failed ({type(exc).__name__})",
+                    maybe_sent=maybe_sent(),
                 ) from None
 
     @contextmanager

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
+from typing import Any
 
 from app.channels.base import DeliveryError
 from app.outcomes import DESTINATION_BLOCKED, PROVIDER_UNREACHABLE
@@ -41,16 +44,36 @@ def literal_host_blocked(host: str) -> bool:
     return not is_public_address(name)
 
 
-def resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple[int, str]]:
-    """Resolve once and return (family, address) pairs that may be connected to.
+def _resolve_within(host: str, port: int, seconds: float) -> list[Any]:
+    """getaddrinfo, given up after `seconds`: the resolver has no timeout of its own that the caller sets, and a
+    hanging one must not hold a delivery past its deadline. The lookup goes on in its daemon thread until the
+    resolver answers; nothing waits for it."""
+    found: dict[str, Any] = {}
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            found["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            found["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name="resolve", daemon=True).start()
+    if not done.wait(max(seconds, 0)):
+        raise DeliveryError(PROVIDER_UNREACHABLE, f"resolving {host!r} took longer than {seconds:g} s")
+    if "error" in found:
+        raise DeliveryError(PROVIDER_UNREACHABLE, f"cannot resolve host {host!r}")
+    return found["infos"]
+
+
+def resolve_checked(host: str, port: int, allow_private: bool, seconds: float = 10.0) -> list[tuple[int, str]]:
+    """Resolve once, within `seconds`, and return (family, address) pairs that may be connected to.
 
     The caller connects to these addresses, not to the name, so a second DNS answer cannot swap in a
     refused address after the check.
     """
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        raise DeliveryError(PROVIDER_UNREACHABLE, f"cannot resolve host {host!r}") from None
+    infos = _resolve_within(host.strip("[]"), port, seconds)
     allowed: list[tuple[int, str]] = []
     for family, _type, _proto, _canon, sockaddr in infos:
         address = str(sockaddr[0])
@@ -63,10 +86,15 @@ def resolve_checked(host: str, port: int, allow_private: bool) -> list[tuple[int
 
 
 def connect_checked(host: str, port: int, timeout: float, allow_private: bool) -> socket.socket:
+    """A connection to an allowed address of `host`, resolution included, within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
     last_error: OSError | None = None
-    for family, address in resolve_checked(host, port, allow_private):
+    for family, address in resolve_checked(host, port, allow_private, timeout):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no connection to {host!r} within {timeout:g} s")
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+        sock.settimeout(left)
         try:
             sock.connect((address, port))
             return sock

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
+import functools
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from app.channels.base import KEEP_NO_COOKIES, ChannelType, DeliveryError, OutgoingMessage, Provider
+from app.channels.base import ChannelType, DeliveryError, Exchange, OutgoingMessage, Provider
+from app.channels.http import failure, fetch, run_within
 from app.fields import E164, FullMatch, credential, e164
 from app.outcomes import (
     AUTH_FAILED,
     CONFIG_INVALID,
     DESTINATION_REJECTED,
     PROVIDER_ERROR,
-    PROVIDER_UNREACHABLE,
     SENDER_REJECTED,
 )
 
@@ -54,13 +55,21 @@ class TwilioSmsProvider(Provider):
     secret_fields = ("api_key_secret",)
 
     def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
-        client = self._client(config)
-        self._call(lambda: client.messages.create(to=destination, from_=config["from_number"], body=message.text))
+        client, exchange = self._client(config)
+        self._call(
+            exchange,
+            lambda: client.messages.create_async(to=destination, from_=config["from_number"], body=message.text),
+        )
 
     def verify(self, config: dict[str, Any]) -> dict[str, str]:
-        client = self._client(config)
-        account = self._call(lambda: client.api.v2010.accounts(client.account_sid).fetch())
-        numbers = self._call(lambda: client.incoming_phone_numbers.list(phone_number=config["from_number"], limit=20))
+        client, exchange = self._client(config)
+
+        async def check() -> tuple[Any, list[Any]]:
+            account = await client.api.v2010.accounts(client.account_sid).fetch_async()
+            numbers = await client.incoming_phone_numbers.list_async(phone_number=config["from_number"], limit=20)
+            return account, numbers
+
+        account, numbers = self._call(exchange, check)
         if not any(getattr(number, "phone_number", None) == config["from_number"] for number in numbers):
             raise DeliveryError(SENDER_REJECTED, "from_number is not one of the Twilio account's phone numbers")
         details = {"from_number": config["from_number"]}
@@ -68,7 +77,7 @@ class TwilioSmsProvider(Provider):
             details["account"] = str(account.friendly_name)[:100]
         return details
 
-    def _client(self, config: dict[str, Any]) -> Any:
+    def _client(self, config: dict[str, Any]) -> tuple[Any, Exchange]:
         # The web process never sends: the client library is loaded where it is used.
         from twilio.rest import Client
 
@@ -76,30 +85,26 @@ class TwilioSmsProvider(Provider):
         account_sid = config.get("account_sid") or (key_sid if key_sid.startswith("AC") else None)
         if account_sid is None:
             raise DeliveryError(CONFIG_INVALID, "Twilio needs account_sid (AC...) alongside an API key SID (SK...)")
-        http = _thread_http_client()
-        http.timeout, http.base_url = self.settings.timeout, self.settings.twilio_base_url
-        return Client(
+        exchange = Exchange()
+        client = Client(
             username=key_sid,
             password=config["api_key_secret"],
             account_sid=account_sid,
-            http_client=http,
+            http_client=_http_client_class()(self.settings.twilio_base_url, self.settings.timeout, exchange),
             environment={},  # TWILIO_EDGE / TWILIO_REGION must not reroute the configured base URL
         )
+        return client, exchange
 
-    def _call(self, call: Callable[[], T]) -> T:
-        import requests
+    def _call(self, exchange: Exchange, call: Callable[[], Awaitable[T]]) -> T:
+        """`call` within the one deadline of this provider call; every failure a DeliveryError."""
         from twilio.base.exceptions import TwilioRestException
 
         try:
-            return call()
+            return run_within(self.settings.timeout, call)
         except TwilioRestException as exc:
             raise self._map(exc) from None
-        except requests.Timeout:
-            raise DeliveryError(PROVIDER_UNREACHABLE, "Twilio did not answer in time") from None
-        except requests.RequestException:
-            raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach Twilio") from None
-        except Exception:  # TwilioException, or a body the client library could not parse
-            raise DeliveryError(PROVIDER_ERROR, "Twilio sent an answer that could not be read") from None
+        except Exception as exc:  # HTTP's own, or a body the client library could not parse
+            raise failure(exc, exchange, "Twilio", self.settings.timeout) from None
 
     @staticmethod
     def _map(exc: Any) -> DeliveryError:
@@ -117,31 +122,39 @@ class TwilioSmsProvider(Provider):
         return DeliveryError(PROVIDER_ERROR, f"Twilio failed: {detail}", reply=text)
 
 
-# One Twilio HTTP client (a requests session and its connection pool) per worker thread, kept between sends as
-# the SDK intends: a new one per send cost a TCP and TLS handshake each time. requests' sessions are not safe to
-# share between threads.
-_per_thread = threading.local()
+@functools.cache
+def _http_client_class() -> type:
+    """The SDK's documented extension point for how requests go out, built on the thread's HTTP client (one
+    connection pool per worker thread, one deadline per call, a capped answer) and sending to
+    TWILIO_API_BASE_URL (staging, a test peer) where the SDK addresses https://api.twilio.com."""
+    from twilio.http import AsyncHttpClient
+    from twilio.http.response import Response
 
+    class HttpClient(AsyncHttpClient):
+        def __init__(self, base_url: str, timeout: float, exchange: Exchange) -> None:
+            super().__init__(logger=logging.getLogger("twilio.http_client"), is_async=True, timeout=timeout)
+            self.base_url, self.exchange = base_url, exchange
 
-def _thread_http_client() -> Any:
-    http = getattr(_per_thread, "http", None)
-    if http is None:
-        from twilio.http.http_client import TwilioHttpClient
+        async def request(
+            self,
+            method: str,
+            uri: str,
+            params: dict[str, object] | None = None,
+            data: dict[str, object] | None = None,
+            headers: dict[str, str] | None = None,
+            auth: tuple[str, str] | None = None,
+            timeout: float | None = None,
+            allow_redirects: bool = False,
+        ) -> Response:
+            if uri.startswith(TWILIO_API):
+                uri = self.base_url + uri[len(TWILIO_API) :]
+            answer = await fetch(
+                self.exchange, method, uri, params=params, data=data, headers=headers, auth=auth,
+                timeout=timeout or self.timeout,
+            )  # fmt: skip
+            return Response(answer.status, answer.body.decode("utf-8", "replace"), answer.headers)
 
-        class BaseUrlHttpClient(TwilioHttpClient):
-            """The SDK's HTTP client, sending to TWILIO_API_BASE_URL (staging, a test peer) where the SDK
-            addresses https://api.twilio.com: the SDK's documented way to change how requests go out."""
-
-            base_url = TWILIO_API
-
-            def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-                if url.startswith(TWILIO_API):
-                    url = self.base_url + url[len(TWILIO_API) :]
-                return super().request(method, url, *args, **kwargs)
-
-        http = _per_thread.http = BaseUrlHttpClient(pool_connections=True)
-        http.session.cookies.set_policy(KEEP_NO_COOKIES)
-    return http
+    return HttpClient
 
 
 CHANNEL = ChannelType(

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import re
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
-from app.channels.base import ChannelType, DeliveryError, OutgoingMessage, Provider, tls_context
+from app.channels.base import ChannelType, DeliveryError, Exchange, OutgoingMessage, Provider
+from app.channels.http import failure, fetch, run_within
 from app.fields import FullMatch
-from app.outcomes import AUTH_FAILED, DESTINATION_REJECTED, PROVIDER_ERROR, PROVIDER_UNREACHABLE
+from app.outcomes import AUTH_FAILED, DESTINATION_REJECTED, PROVIDER_ERROR
 
 T = TypeVar("T")
 CHAT = re.compile(r"-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{3,31}")
@@ -64,82 +64,83 @@ class TelegramProvider(Provider):
         return {"username": f"@{me.username}"} if getattr(me, "username", None) else {}
 
     def _run(self, config: dict[str, Any], call: Callable[[Any, dict[str, float]], Awaitable[T]]) -> T:
-        from telegram.error import (
-            BadRequest,
-            Forbidden,
-            InvalidToken,
-            NetworkError,
-            RetryAfter,
-            TelegramError,
-            TimedOut,
-        )
-
-        try:
-            return _thread_runner().run(self._call(config["bot_token"], call))
-        except InvalidToken:
-            raise DeliveryError(AUTH_FAILED, "Telegram rejected the bot token") from None
-        except (Forbidden, BadRequest) as exc:
-            raise DeliveryError(DESTINATION_REJECTED, "Telegram", reply=exc.message) from None
-        except TimedOut:
-            raise DeliveryError(PROVIDER_UNREACHABLE, "Telegram did not answer in time") from None
-        except RetryAfter as exc:
-            seconds = exc.retry_after.total_seconds() if hasattr(exc.retry_after, "total_seconds") else exc.retry_after
-            raise DeliveryError(
-                PROVIDER_ERROR, f"Telegram: too many requests, retry after {seconds:g} s", retry_after=float(seconds)
-            ) from None
-        except NetworkError as exc:
-            import httpx
-
-            # PTB raises NetworkError both for a failed connection (from httpx) and for a 5xx answer.
-            if isinstance(exc.__cause__, httpx.HTTPError):
-                raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach Telegram") from None
-            raise DeliveryError(PROVIDER_ERROR, "Telegram failed", reply=exc.message) from None
-        except TelegramError as exc:
-            raise DeliveryError(PROVIDER_ERROR, "Telegram failed", reply=exc.message) from None
-        except TimeoutError:
-            raise DeliveryError(
-                PROVIDER_UNREACHABLE, f"Telegram did not finish within {self.settings.timeout:g} s"
-            ) from None
-        except Exception:  # an answer PTB could not turn into its objects
-            raise DeliveryError(PROVIDER_ERROR, "Telegram sent an answer that could not be read") from None
-
-    async def _call(self, token: str, call: Callable[[Any, dict[str, float]], Awaitable[T]]) -> T:
         from telegram import Bot
+        from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 
         timeout = self.settings.timeout
-        # The thread's one HTTP client serves both of Bot's request slots (getUpdates is never called).
-        # Bot is not shut down: that would close the thread's client.
-        shared = _thread_request()
-        bot = Bot(token, base_url=f"{self.settings.telegram_base_url}/bot", request=shared, get_updates_request=shared)
+        exchange = Exchange()
+        # One request object serves both of Bot's request slots (getUpdates is never called); it is not shut
+        # down, as the thread's HTTP client under it stays for the next call.
+        request = _request_class()(exchange, timeout)
+        bot = Bot(
+            config["bot_token"],
+            base_url=f"{self.settings.telegram_base_url}/bot",
+            request=request,
+            get_updates_request=request,
+        )
         limits = {
             "connect_timeout": timeout,
             "read_timeout": timeout,
             "write_timeout": timeout,
             "pool_timeout": timeout,
         }
-        async with asyncio.timeout(timeout):
-            return await call(bot, limits)
+        try:
+            return run_within(timeout, lambda: call(bot, limits))
+        except InvalidToken:
+            raise DeliveryError(AUTH_FAILED, "Telegram rejected the bot token") from None
+        except (Forbidden, BadRequest) as exc:
+            raise DeliveryError(DESTINATION_REJECTED, "Telegram", reply=exc.message) from None
+        except RetryAfter as exc:
+            seconds = exc.retry_after.total_seconds() if hasattr(exc.retry_after, "total_seconds") else exc.retry_after
+            raise DeliveryError(
+                PROVIDER_ERROR, f"Telegram: too many requests, retry after {seconds:g} s", retry_after=float(seconds)
+            ) from None
+        except NetworkError as exc:
+            # PTB wraps what the HTTP layer raised (a failed connection, a timeout) in NetworkError, and raises
+            # it for a 5xx answer too.
+            if exc.__cause__ is not None:
+                raise failure(exc.__cause__, exchange, "Telegram", timeout) from None
+            raise DeliveryError(
+                PROVIDER_ERROR, "Telegram failed", reply=exc.message, maybe_sent=exchange.maybe_sent
+            ) from None
+        except TelegramError as exc:  # e.g. a success whose body is not JSON: it may have gone
+            raise DeliveryError(
+                PROVIDER_ERROR, "Telegram failed", reply=exc.message, maybe_sent=exchange.maybe_sent
+            ) from None
+        except Exception as exc:  # HTTP's own, or an answer PTB could not turn into its objects
+            raise failure(exc, exchange, "Telegram", timeout) from None
 
 
-# An event loop and an HTTP client per worker thread, kept between sends: building them for every message
-# cost more CPU than the send itself, and a kept connection to Telegram saves a TLS handshake per message.
-_per_thread = threading.local()
+@functools.cache
+def _request_class() -> type:
+    """python-telegram-bot's documented networking interface (BaseRequest), built on the thread's HTTP client:
+    one connection pool per worker thread, one deadline per call, a capped answer."""
+    from telegram.request import BaseRequest, RequestData
 
+    class Request(BaseRequest):
+        def __init__(self, exchange: Exchange, timeout: float) -> None:
+            self.exchange, self.timeout = exchange, timeout
 
-def _thread_runner() -> asyncio.Runner:
-    runner = getattr(_per_thread, "runner", None)
-    if runner is None:
-        runner = _per_thread.runner = asyncio.Runner()
-    return runner
+        @property
+        def read_timeout(self) -> float:
+            return self.timeout
 
+        async def initialize(self) -> None:
+            pass
 
-def _thread_request() -> Any:
-    from telegram.request import HTTPXRequest
+        async def shutdown(self) -> None:
+            pass
 
-    request = getattr(_per_thread, "request", None)
-    if request is None:
-        request = _per_thread.request = HTTPXRequest(httpx_kwargs={"verify": tls_context()})
-    return request
+        async def do_request(
+            self, url: str, method: str, request_data: RequestData | None = None, **_timeouts: Any
+        ) -> tuple[int, bytes]:
+            if request_data is not None and request_data.contains_files:
+                raise ValueError("files are never sent")
+            data = request_data.json_parameters if request_data else None
+            answer = await fetch(self.exchange, method, url, data=data, timeout=self.timeout)
+            return answer.status, answer.body
+
+    return Request
 
 
 CHANNEL = ChannelType(

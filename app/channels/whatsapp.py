@@ -6,26 +6,24 @@ sends that template instead of free text.
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from app.channels.base import ChannelType, DeliveryError, OutgoingMessage, Provider, cookieless_jar, tls_context
+from app.channels.base import ChannelType, DeliveryError, Exchange, OutgoingMessage, Provider, ProviderSettings
+from app.channels.http import Answer, failure, fetch, run_within
 from app.channels.sms import mask_phone
 from app.fields import FullMatch, credential, e164
 from app.outcomes import (
     AUTH_FAILED,
-    CONFIG_INVALID,
     DESTINATION_REJECTED,
     PROVIDER_ERROR,
-    PROVIDER_UNREACHABLE,
     SENDER_REJECTED,
 )
 
-if TYPE_CHECKING:
-    import httpx
-
+T = TypeVar("T")
 DEFAULT_API_VERSION = "v24.0"
 # Graph error codes: 190 expired/invalid token, 10 and 200-299 permissions.
 AUTH_CODES = {190, 10, 102, 463, 467}
@@ -70,95 +68,100 @@ class WhatsAppProvider(Provider):
         else:
             payload["type"] = "text"
             payload["text"] = {"preview_url": False, "body": message.text}
-        response = self._request(config, "POST", f"{config['phone_number_id']}/messages", json=payload)
-        messages = _json(response).get("messages")
-        if not (isinstance(messages, list) and messages and isinstance(messages[0], dict)):
-            raise DeliveryError(PROVIDER_ERROR, "WhatsApp Cloud API answered 200 without a message id")
+
+        async def post(session: _Session) -> None:
+            answer = await session.request("POST", f"{config['phone_number_id']}/messages", json=payload)
+            messages = _json(answer).get("messages")
+            if not (isinstance(messages, list) and messages and isinstance(messages[0], dict)):
+                raise DeliveryError(
+                    PROVIDER_ERROR, "WhatsApp Cloud API answered 200 without a message id", maybe_sent=True
+                )
+
+        self._run(config, post)
 
     def verify(self, config: dict[str, Any]) -> dict[str, str]:
-        number = _json(
-            self._request(
-                config, "GET", config["phone_number_id"], params={"fields": "display_phone_number,verified_name"}
-            )
-        )
-        listed = _json(self._request(config, "GET", f"{config['business_account_id']}/phone_numbers")).get("data")
-        ids = (
-            {str(entry.get("id")) for entry in listed if isinstance(entry, dict)} if isinstance(listed, list) else set()
-        )
-        if config["phone_number_id"] not in ids:
-            raise DeliveryError(SENDER_REJECTED, "phone_number_id is not listed by the WhatsApp Business Account")
-        return {key: str(number[key])[:100] for key in ("display_phone_number", "verified_name") if number.get(key)}
+        async def check(session: _Session) -> dict[str, str]:
+            fields = {"fields": "display_phone_number,verified_name"}
+            number = _json(await session.request("GET", config["phone_number_id"], params=fields))
+            listed = _json(await session.request("GET", f"{config['business_account_id']}/phone_numbers")).get("data")
+            ids = {str(e.get("id")) for e in listed if isinstance(e, dict)} if isinstance(listed, list) else set()
+            if config["phone_number_id"] not in ids:
+                raise DeliveryError(SENDER_REJECTED, "phone_number_id is not listed by the WhatsApp Business Account")
+            return {key: str(number[key])[:100] for key in ("display_phone_number", "verified_name") if number.get(key)}
 
-    def _request(self, config: dict[str, Any], method: str, path: str, **kwargs: Any) -> httpx.Response:
-        import httpx  # the web process never sends: the client library is loaded where it is used
+        return self._run(config, check)
 
-        url = f"{self.settings.whatsapp_base_url}/{config['api_version']}/{path}"
-        headers = {"Authorization": f"Bearer {config['access_token']}"}
+    def _run(self, config: dict[str, Any], work: Callable[[_Session], Awaitable[T]]) -> T:
+        """`work` with a session of Graph API requests, within the one deadline of this call."""
+        session = _Session(self.settings, config)
         try:
-            response = _thread_client().request(method, url, headers=headers, timeout=self.settings.timeout, **kwargs)
-        except httpx.TimeoutException:
-            raise DeliveryError(PROVIDER_UNREACHABLE, "WhatsApp Cloud API did not answer in time") from None
-        except httpx.HTTPError:
-            raise DeliveryError(PROVIDER_UNREACHABLE, "cannot reach the WhatsApp Cloud API") from None
-        except httpx.InvalidURL:
-            raise DeliveryError(CONFIG_INVALID, "the config does not form a valid Graph API URL") from None
-        if response.status_code != 200:
-            raise self._map(response)
-        return response
-
-    @staticmethod
-    def _map(response: httpx.Response) -> DeliveryError:
-        error = _json(response).get("error")
-        error = error if isinstance(error, dict) else {}
-        code = error.get("code") if isinstance(error.get("code"), int) else 0
-        text = str(error.get("message") or "")
-        detail = f"WhatsApp {response.status_code}" + (f" (error {code})" if code else "")
-        if response.status_code == 401 or code in AUTH_CODES or 200 <= code < 300:
-            return DeliveryError(AUTH_FAILED, f"WhatsApp rejected the access token: {detail}", reply=text)
-        if code == 131047:
-            return DeliveryError(
-                DESTINATION_REJECTED,
-                f"WhatsApp: outside the 24-hour window a template is required; set template_name ({detail})",
-            )
-        if code in RECIPIENT_CODES:
-            return DeliveryError(DESTINATION_REJECTED, f"WhatsApp rejected the recipient: {detail}", reply=text)
-        return DeliveryError(PROVIDER_ERROR, f"WhatsApp failed: {detail}", _retry_after(response), reply=text)
+            return run_within(self.settings.timeout, lambda: work(session))
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            raise failure(exc, session.exchange, "the WhatsApp Cloud API", self.settings.timeout) from None
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
+class _Session:
+    """The Graph API requests of one call, with what they got as far as."""
+
+    def __init__(self, settings: ProviderSettings, config: dict[str, Any]) -> None:
+        self.base = f"{settings.whatsapp_base_url}/{config['api_version']}"
+        self.headers = {"Authorization": f"Bearer {config['access_token']}"}
+        self.timeout = settings.timeout
+        self.exchange = Exchange()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Answer:
+        answer = await fetch(
+            self.exchange, method, f"{self.base}/{path}", headers=self.headers, timeout=self.timeout, **kwargs
+        )
+        if answer.status != 200:
+            raise _map(answer)
+        return answer
+
+
+def _map(answer: Answer) -> DeliveryError:
+    error = _json(answer).get("error")
+    error = error if isinstance(error, dict) else {}
+    code = error.get("code") if isinstance(error.get("code"), int) else 0
+    text = str(error.get("message") or "")
+    detail = f"WhatsApp {answer.status}" + (f" (error {code})" if code else "")
+    if answer.status == 401 or code in AUTH_CODES or 200 <= code < 300:
+        return DeliveryError(AUTH_FAILED, f"WhatsApp rejected the access token: {detail}", reply=text)
+    if code == 131047:
+        return DeliveryError(
+            DESTINATION_REJECTED,
+            f"WhatsApp: outside the 24-hour window a template is required; set template_name ({detail})",
+        )
+    if code in RECIPIENT_CODES:
+        return DeliveryError(DESTINATION_REJECTED, f"WhatsApp rejected the recipient: {detail}", reply=text)
+    # A 2xx other than 200 is no answer the API gives: the message may have gone.
+    maybe_sent = 200 <= answer.status < 300
+    return DeliveryError(
+        PROVIDER_ERROR, f"WhatsApp failed: {detail}", _retry_after(answer), reply=text, maybe_sent=maybe_sent
+    )
+
+
+def _json(answer: Answer) -> dict[str, Any]:
     try:
-        body = response.json()
+        body = json.loads(answer.body)
     except ValueError:
         body = None
     if not isinstance(body, dict):
-        if response.status_code == 200:
-            raise DeliveryError(PROVIDER_ERROR, "WhatsApp Cloud API sent an answer that could not be read")
+        if answer.status == 200:  # accepted, perhaps: what it said cannot be read
+            raise DeliveryError(
+                PROVIDER_ERROR, "WhatsApp Cloud API sent an answer that could not be read", maybe_sent=True
+            )
         return {}
     return body
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(answer: Answer) -> float | None:
     try:
-        seconds = float(response.headers["Retry-After"])
+        seconds = float(answer.headers["Retry-After"])
     except (KeyError, ValueError):
         return None
-    return seconds if response.status_code == 429 and 0 <= seconds <= 86400 else None
-
-
-# One HTTP client (and its connection pool) per worker thread, kept between sends as httpx intends: a new client
-# per request cost a TCP and TLS handshake each time.
-_per_thread = threading.local()
-
-
-def _thread_client() -> httpx.Client:
-    client = getattr(_per_thread, "client", None)
-    if client is None:
-        import httpx
-
-        client = _per_thread.client = httpx.Client(
-            follow_redirects=False, verify=tls_context(), cookies=cookieless_jar()
-        )
-    return client
+    return seconds if answer.status == 429 and 0 <= seconds <= 86400 else None
 
 
 CHANNEL = ChannelType(

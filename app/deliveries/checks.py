@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import timedelta
 
@@ -17,15 +16,15 @@ from app.connectors.service import first_check_at
 from app.errors import with_database_retry
 from app.extensions import db
 from app.queues import CHECK_CONNECTOR
-from app.timeutil import utcnow
+from app.timeutil import db_now
 
 
-def schedule_checks() -> list[tuple[uuid.UUID, str, float]]:
-    """The re-checks due now, as (attempt id, connector type, deadline) to queue: at most
+def schedule_checks() -> list[tuple[uuid.UUID, str]]:
+    """The re-checks due now, as (attempt id, connector type) to queue: at most
     CONNECTOR_CHECK_CONCURRENCY in flight, the oldest due first; connectors never scheduled get a random
     moment within the interval."""
     config = current_app.config
-    now = utcnow()
+    now = db_now()
     unscheduled = db.session.scalars(select(Connector).where(Connector.next_check_at.is_(None)).limit(1000)).all()
     for connector in unscheduled:
         connector.next_check_at = first_check_at(now)
@@ -62,7 +61,7 @@ def schedule_checks() -> list[tuple[uuid.UUID, str, float]]:
         )
         db.session.add(attempt)
         connector.next_check_at = now + retry
-        scheduled.append((attempt.id, connector.type, time.time() + timeout))
+        scheduled.append((attempt.id, connector.type))
     try:
         db.session.commit()
     except IntegrityError:  # a Host started a test of one of them meanwhile: the next tick takes the rest
@@ -75,13 +74,12 @@ def queue_due_checks() -> int:
     """Schedule the re-checks that are due and queue their jobs; how many were queued."""
     scheduled = with_database_retry("schedule checks", schedule_checks, seconds=10)
     celery = current_app.extensions["celery"]
-    for attempt_id, connector_type, deadline in scheduled:
+    for attempt_id, connector_type in scheduled:
         # A job that no worker takes before the deadline expires unstarted; the sweep closes its attempt.
         celery.send_task(
             CHECK_CONNECTOR,
             args=(str(attempt_id),),
-            kwargs={"deadline": deadline},
             queue=channel(connector_type).queue,
-            expires=max(deadline - time.time(), 1),
+            expires=2 * current_app.config["PROVIDER_TIMEOUT"],
         )
     return len(scheduled)

@@ -13,10 +13,11 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.attempts import (
     CHECK,
@@ -35,13 +36,16 @@ from app.attempts import TIMEOUT as TIMED_OUT
 from app.channels import channel
 from app.channels.base import DeliveryError, OutgoingMessage, ProviderSettings
 from app.connectors.models import Connector
-from app.connectors.service import lock_for_verdict, open_config, record_verdict
+from app.connectors.service import keyring, lock_for_verdict, open_config, record_verdict
+from app.crypto import Sealed
 from app.errors import with_database_retry
 from app.events.service import announce
 from app.extensions import db
 from app.outcomes import TIMEOUT, WORKER_ERROR, Outcome
-from app.redact import forms, scrub, secrets_in_scope
-from app.timeutil import utcnow
+from app.outcomes import UNKNOWN as UNKNOWN_CODE
+from app.queues import DISPATCH_QUEUE
+from app.redact import MIN_SCRUBBABLE, forms, scrub, secrets_in_scope
+from app.timeutil import db_now
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ class Job:
     destination: str | None = None  # none for a check
     message: OutgoingMessage | None = None  # none for a check
     message_id: uuid.UUID | None = None  # a dispatch attempt's message
+    host_id: uuid.UUID | None = None
+    queue: str = DISPATCH_QUEUE  # where a dispatch attempt's message takes its next step
 
 
 @dataclass(frozen=True)
@@ -101,9 +107,12 @@ def provider_settings(budget: float) -> ProviderSettings:
     )
 
 
-def failure_message(error: DeliveryError, secrets: list[str], destination: str | None, mask: str) -> str:
+def failure_message(
+    error: DeliveryError, secrets: list[str], destination: str | None, mask: str, words: tuple[str, ...] = ()
+) -> str:
     """Our words, always, and the provider's without any secret (withheld when a secret is too short to cut out
-    cleanly), with the recipient's address masked (an SMTP 550 or a Twilio 21211 quotes it)."""
+    cleanly), with the recipient's address masked (an SMTP 550 or a Twilio 21211 quotes it) and the message's own
+    `words` (its subject and text, which a content filter may quote) cut out."""
     ours = scrub(error.message, secrets) or error.message  # ours hold no secret: scrubbed only to be sure
     if error.reply is None:
         scrubbed = ours
@@ -113,6 +122,8 @@ def failure_message(error: DeliveryError, secrets: list[str], destination: str |
     if destination:
         for form in sorted({destination, destination.lstrip("+"), *forms(destination)}, key=len, reverse=True):
             scrubbed = re.sub(re.escape(form), mask, scrubbed, flags=re.IGNORECASE)
+    for quoted in sorted((word for word in words if len(word) >= MIN_SCRUBBABLE), key=len, reverse=True):
+        scrubbed = re.sub(re.escape(quoted), "[the message]", scrubbed, flags=re.IGNORECASE)
     return scrubbed[:MESSAGE_LIMIT]  # scrubbed before cut: a cut secret would no longer be recognised
 
 
@@ -137,24 +148,30 @@ def perform(job: Job) -> Outcome:
             return Outcome(True, done, delivery_time_ms=elapsed_ms(started))
         except DeliveryError as exc:
             masked = kind.mask(job.destination) if job.destination else ""
-            return Outcome(
-                False,
-                failure_message(exc, secrets, job.destination, masked),
-                error_code=exc.code,
-                retry_after=exc.retry_after,
-            )
+            # A dispatch's words are the Host's; a test's are ours and public.
+            words = (job.message.subject, job.message.text) if job.kind == MESSAGE and job.message else ()
+            text = failure_message(exc, secrets, job.destination, masked, words)
+            if exc.maybe_sent and job.kind != CHECK:
+                # The provider may have taken it: a dispatch never sends it again through this connector.
+                text = f"{text}; the provider may have accepted the message"[:MESSAGE_LIMIT]
+                if job.kind == MESSAGE:
+                    return Outcome(False, text, error_code=UNKNOWN_CODE)
+            return Outcome(False, text, error_code=exc.code, retry_after=exc.retry_after)
         except Exception as exc:  # a bug or a library surprise: its text may hold secrets, the log scrubs them
             log.exception("attempt %s failed unexpectedly: %s", job.attempt_id, type(exc).__name__)
             return Outcome(False, "the worker failed unexpectedly", error_code=WORKER_ERROR)
 
 
-def write_outcome(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:
+def write_outcome(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome, now: datetime | None = None) -> None:
     """Record an attempt's outcome and, when it says whether the claimed config works, the connector's
     is_verified; part of the caller's transaction, after any message lock (the one lock order)."""
     verdict = outcome.verdict(probe=job.kind != MESSAGE) if job is not None else None
     if verdict is not None:
         lock_for_verdict(job.connector_id)
-    status = FAILED if not outcome.success else VERIFIED if job is not None and job.kind == CHECK else SENT
+    if outcome.success:
+        status = VERIFIED if job is not None and job.kind == CHECK else SENT
+    else:
+        status = UNKNOWN if outcome.error_code == UNKNOWN_CODE else FAILED
     # A test or check the web or the sweep already closed (timeout, unknown) still gets its real outcome.
     db.session.execute(
         update(DeliveryAttempt)
@@ -164,7 +181,9 @@ def write_outcome(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> N
             error_code=outcome.error_code,
             message=outcome.message,
             delivery_time_ms=outcome.delivery_time_ms,
-            finished_at=utcnow(),
+            finished_at=now or db_now(),
+            destination_key_id=None,
+            destination_sealed=None,
         )
     )
     if verdict is not None:
@@ -174,74 +193,102 @@ def write_outcome(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> N
 # --- tests and checks ----------------------------------------------------------------------------------------
 
 
-def claim_probe(attempt_id: uuid.UUID, deadline: float, destination: str | None = None) -> Job | None:
-    """Take a pending test or check for its provider call, once: a redelivered or expired job finds nothing.
+TOO_LATE = "it reached a worker after its deadline; it was not started"
 
-    The claim is committed before the provider call, and no connection is held during it.
-    """
+
+def claim_probe(attempt_id: uuid.UUID, destination: str | None = None) -> Job | Outcome | None:
+    """Take a pending test or check for its provider call, once, with the time its caller has left by the
+    database's clock. A job that comes too late is closed as timeout (its Outcome); a redelivered copy, or one
+    already closed, finds nothing (None). The claim is committed before the provider call."""
+    now = db_now()
+    row = db.session.execute(
+        select(
+            DeliveryAttempt.status,
+            DeliveryAttempt.deadline_at,
+            DeliveryAttempt.kind,
+            DeliveryAttempt.connector_id,
+            DeliveryAttempt.destination_key_id,
+            DeliveryAttempt.destination_sealed,
+        ).where(DeliveryAttempt.id == attempt_id)
+    ).first()
+    if row is None or row.status != PENDING:
+        db.session.rollback()
+        return None
+    left = (row.deadline_at - now).total_seconds() if row.deadline_at else current_app.config["PROVIDER_TIMEOUT"]
+    if left < MIN_SEND_SECONDS:  # the caller has given up (or is about to): acting now would surprise them
+        outcome = Outcome(False, TOO_LATE, error_code=TIMEOUT)
+        close_attempt(attempt_id, outcome, now)
+        return outcome
     claimed = db.session.execute(
         update(DeliveryAttempt)
         .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == PENDING)
         .values(status=SENDING)
-        .returning(DeliveryAttempt.connector_id, DeliveryAttempt.kind)
-    ).first()
-    connector = db.session.get(Connector, claimed.connector_id) if claimed is not None else None
+    ).rowcount
+    connector = db.session.get(Connector, row.connector_id) if claimed and row.connector_id else None
     job = None
     if connector is not None:
+        if row.destination_sealed is not None:  # `destination` comes only from a job queued by an older web
+            sealed = Sealed(row.destination_key_id or "", row.destination_sealed)
+            destination = keyring().open(connector.host_id, attempt_id, sealed)["destination"]
         job = Job(
             attempt_id=attempt_id,
-            kind=claimed.kind,
+            kind=row.kind,
             connector_id=connector.id,
             connector_type=connector.type,
             config=open_config(connector),
             sealed=connector.config_sealed,
-            deadline=deadline,
-            destination=destination if claimed.kind == TEST else None,
-            message=TEST_MESSAGE if claimed.kind == TEST else None,
+            deadline=time.monotonic() + left,
+            destination=destination if row.kind == TEST else None,
+            message=TEST_MESSAGE if row.kind == TEST else None,
         )
     db.session.commit()
     return job
 
 
-def close_attempt(attempt_id: uuid.UUID, outcome: Outcome) -> None:
+def close_attempt(attempt_id: uuid.UUID, outcome: Outcome, now: datetime | None = None) -> None:
     """Close a test or check that nobody will record: pending as timeout (it can no longer be claimed), sending
     as unknown (the worker may have died during the provider call). A worker still alive records its real
     outcome over either."""
-    now = utcnow()
+    now = now or db_now()
     for status, closed_as in ((PENDING, TIMED_OUT if outcome.error_code == TIMEOUT else FAILED), (SENDING, UNKNOWN)):
         db.session.execute(
             update(DeliveryAttempt)
             .where(DeliveryAttempt.id == attempt_id, DeliveryAttempt.status == status)
-            .values(status=closed_as, error_code=outcome.error_code, message=outcome.message, finished_at=now)
+            .values(
+                status=closed_as,
+                error_code=outcome.error_code,
+                message=outcome.message,
+                finished_at=now,
+                destination_key_id=None,
+                destination_sealed=None,
+            )
         )
     db.session.commit()
 
 
-def run_probe(attempt_id: uuid.UUID, destination: str | None, deadline: float | None) -> Ran:
-    """A test or check end to end: claim, one provider call within the caller's deadline (wall-clock seconds,
-    as the web set it), record. The caller gets the outcome, or None for a copy of a job already taken."""
-    left = current_app.config["PROVIDER_TIMEOUT"] if deadline is None else deadline - time.time()
-    if left < MIN_SEND_SECONDS:  # the caller has given up (or is about to): acting now would surprise them
-        outcome = Outcome(False, "it reached a worker after its deadline; it was not started", error_code=TIMEOUT)
-        with_database_retry("close", lambda: close_attempt(attempt_id, outcome), seconds=5)
-        return Ran(outcome, "too_late")
-    until = time.monotonic() + left
+def run_probe(attempt_id: uuid.UUID, destination: str | None) -> Ran:
+    """A test or check end to end: claim, one provider call within the caller's deadline, record. The caller
+    gets the outcome, or None for a copy of a job already taken."""
     try:
-        job = with_database_retry("claim", lambda: claim_probe(attempt_id, until, destination), seconds=left)
+        claimed = with_database_retry(
+            "claim", lambda: claim_probe(attempt_id, destination), seconds=current_app.config["PROVIDER_TIMEOUT"]
+        )
     except Exception as exc:  # e.g. a config sealed under a key this worker does not have
         log.exception("attempt %s could not be prepared: %s", attempt_id, type(exc).__name__)
         db.session.rollback()
         outcome = Outcome(False, "the worker could not prepare the job", error_code=WORKER_ERROR)
         _record_probe(attempt_id, None, outcome)
         return Ran(outcome, "worker_error")
-    if job is None:
+    if claimed is None:
         # A copy of a job already claimed (put back after a dropped broker connection) or closed: the claimant
         # answers; a result from this copy would reach the waiting request first, as a failure.
         return Ran(None, "skipped")
-    outcome = perform(job)
-    _record_probe(attempt_id, job, outcome)
-    done = "verified" if job.kind == CHECK else "sent"
-    return Ran(outcome, done if outcome.success else str(outcome.error_code), job)
+    if isinstance(claimed, Outcome):
+        return Ran(claimed, "too_late")
+    outcome = perform(claimed)
+    _record_probe(attempt_id, claimed, outcome)
+    done = "verified" if claimed.kind == CHECK else "sent"
+    return Ran(outcome, done if outcome.success else str(outcome.error_code), claimed)
 
 
 def _record_probe(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from app.attempts import CHECK, FAILED, FINISHED, PENDING, TEST, VERIFIED, DeliveryAttempt
 from app.channels import channel
 from app.connectors.models import Connector
-from app.connectors.service import get_connector
+from app.connectors.service import get_connector, keyring
 from app.deliveries.jobs import CHECK_SUCCESS, SUCCESS_MESSAGE, close_attempt
 from app.errors import (
     DATABASE_DOWN,
@@ -45,7 +45,7 @@ from app.logs import request_id_var
 from app.outcomes import BROKER_UNAVAILABLE, WORKER_ERROR, Outcome
 from app.outcomes import TIMEOUT as TIMEOUT_CODE
 from app.queues import CHECK_CONNECTOR, SEND_TEST
-from app.timeutil import utcnow
+from app.timeutil import db_now
 
 log = logging.getLogger(__name__)
 
@@ -99,30 +99,31 @@ def run_test(host_id: uuid.UUID, connector_id: uuid.UUID, raw_destination: str) 
     connector = get_connector(host_id, connector_id)
     kind = channel(connector.type)
     destination = normalize_destination(connector.type, raw_destination)
-    return _run(connector_id, kind.name, TEST, SEND_TEST, (destination,), kind.mask(destination))
+    return _run(host_id, connector_id, kind.name, TEST, SEND_TEST, destination)
 
 
 def run_check(host_id: uuid.UUID, connector_id: uuid.UUID) -> Outcome:
     """Queue one credential check (nothing is delivered to anyone) and wait for its outcome."""
     connector = get_connector(host_id, connector_id)
-    return _run(connector_id, connector.type, CHECK, CHECK_CONNECTOR, (), None)
+    return _run(host_id, connector_id, connector.type, CHECK, CHECK_CONNECTOR, None)
 
 
 def _run(
-    connector_id: uuid.UUID, type_name: str, kind: str, task: str, args: tuple[str, ...], masked: str | None
+    host_id: uuid.UUID, connector_id: uuid.UUID, type_name: str, kind: str, task: str, destination: str | None
 ) -> Outcome:
     db.session.rollback()  # nothing is held while the job runs
     timeout = current_app.config["TEST_DELIVERY_TIMEOUT"]
+    masked = channel(type_name).mask(destination) if destination else None
     with _wait_slot():
-        attempt_id = _open_attempt(connector_id, type_name, kind, masked, timeout)
-        # The worker must be done by this (wall-clock) deadline, so nothing runs after the caller's 502: the
-        # expiry voids a job no worker took in time, and the worker cuts a provider call short at the deadline.
-        deadline = time.time() + timeout
+        attempt_id = _open_attempt(host_id, connector_id, type_name, kind, destination, timeout)
+        # The worker must be done by the attempt's deadline (on the database's clock), so nothing runs after the
+        # caller's 502: the expiry voids a job no worker took in time, and the worker cuts a provider call short.
         try:
+            # Only the attempt's id goes through the broker: the destination is sealed in its row.
             result = _celery().send_task(
                 task,
-                args=(str(attempt_id), *args),
-                kwargs={"request_id": request_id_var.get(), "deadline": deadline},
+                args=(str(attempt_id),),
+                kwargs={"request_id": request_id_var.get()},
                 queue=channel(type_name).queue,
                 expires=timeout,
                 argsrepr=repr([str(attempt_id), masked]),  # logs show the mask
@@ -138,17 +139,25 @@ def _run(
 
 
 def _open_attempt(
-    connector_id: uuid.UUID, connector_type: str, kind: str, destination: str | None, timeout: float
+    host_id: uuid.UUID,
+    connector_id: uuid.UUID,
+    connector_type: str,
+    kind: str,
+    destination: str | None,
+    timeout: float,
 ) -> uuid.UUID:
     attempt = DeliveryAttempt(
         id=uuid.uuid4(),
         connector_id=connector_id,
         connector_type=connector_type,
         kind=kind,
-        destination=destination,
+        destination=channel(connector_type).mask(destination) if destination else None,
         status=PENDING,
-        deadline_at=utcnow() + timedelta(seconds=timeout),
+        deadline_at=db_now() + timedelta(seconds=timeout),
     )
+    if destination:
+        sealed = keyring().seal(host_id, attempt.id, {"destination": destination})
+        attempt.destination_key_id, attempt.destination_sealed = sealed.key_id, sealed.ciphertext
     db.session.add(attempt)
     try:
         db.session.commit()

@@ -19,6 +19,7 @@ EVENT_TYPES = (
     "message.delivered",
     "message.failed",
     "message.expired",
+    "message.unknown",
 )
 
 

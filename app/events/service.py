@@ -22,7 +22,7 @@ from app.events.webhook import post_event
 from app.extensions import db
 from app.fields import TIMESTAMP_FORMAT
 from app.queues import DELIVER_EVENTS, nudge_coalesced
-from app.timeutil import utcnow
+from app.timeutil import db_now
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def emit(type_: str, host_id: uuid.UUID, data: dict[str, Any]) -> None:
     if db.session.get_bind().dialect.name == "postgresql":
         db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": EVENTS_LOCK})
     data = json.loads(json.dumps(data, default=str))
-    db.session.add(Event(type=type_, host_id=host_id, data=data, created_at=utcnow()))
+    db.session.add(Event(type=type_, host_id=host_id, data=data, created_at=db_now()))
     db.session.info["events_written"] = True
 
 
@@ -101,7 +101,7 @@ def claim_next(lease_seconds: float) -> Claimed | None:
     Nothing later is sent while it waits: receivers see events in order. The claim is a compare-and-set on its
     try count, so two workers never send one event at once, and a worker that dies mid-try only delays it.
     """
-    now = utcnow()
+    now = db_now()
     # Events too old to post (e.g. written while no webhook was set: polled, not posted) are set aside all at
     # once, however many, before the head is taken.
     stale = (Event.delivered_at.is_(None), Event.abandoned_at.is_(None), Event.created_at <= now - GIVE_UP_AFTER)
@@ -133,7 +133,7 @@ def _body(event: Event) -> dict[str, Any]:
 
 def record_try(event: Claimed, error: str | None) -> None:
     """Delivered (error None), or retried after a backoff, or given up a day after the event."""
-    now = utcnow()
+    now = db_now()
     values: dict[str, Any]
     if error is None:
         values = {"delivered_at": now, "next_try_at": None, "last_error": None}
@@ -155,8 +155,9 @@ def has_due() -> bool:
         .order_by(Event.id)
         .limit(1)
     ).first()
+    now = db_now()
     db.session.rollback()
-    return head is not None and (head.next_try_at is None or head.next_try_at <= utcnow())
+    return head is not None and (head.next_try_at is None or head.next_try_at <= now)
 
 
 def deliver_due() -> int:

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from app.attempts import FAILED as ATTEMPT_FAILED
@@ -33,17 +33,20 @@ from app.deliveries.jobs import MIN_SEND_SECONDS, RECORD_RETRY_SECONDS, Job, Ran
 from app.errors import with_database_retry
 from app.events.service import announce, emit
 from app.extensions import db
-from app.messages.models import DELIVERED, EXPIRED, FAILED, IN_FLIGHT, RETRYING, SENDING, Message
+from app.messages.models import DELIVERED, EXPIRED, FAILED, IN_FLIGHT, OTP, QUEUED, RETRYING, SENDING, Message
+from app.messages.models import UNKNOWN as MESSAGE_UNKNOWN
 from app.messages.service import attempts_of, candidates
 from app.outcomes import PERMANENT, WORKER_ERROR, Outcome
 from app.outcomes import UNKNOWN as UNKNOWN_CODE
-from app.queues import ADVANCE_MESSAGE, SEND_MESSAGE, nudge
-from app.timeutil import utcnow
+from app.queues import ADVANCE_MESSAGE, SEND_MESSAGE, advance_queue, nudge, send_queue
+from app.timeutil import db_now, utcnow
 
 log = logging.getLogger(__name__)
 
 # A connector that failed for one of these is not tried again for this message: trying again cannot mend it.
 OUT_FOR_GOOD = PERMANENT | {WORKER_ERROR}
+# A round due later than this is left to the sweep: a worker holds a job with a countdown in memory until then.
+MAX_COUNTDOWN_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class SendStep:
     connector_id: uuid.UUID
     connector_type: str
     round: int
+    queue: str
 
 
 def _lock(message_id: uuid.UUID, *conditions: Any) -> Message | None:
@@ -71,6 +75,7 @@ def _finish(message: Message, status: str, now: datetime, via: tuple[uuid.UUID, 
     """A final status: nothing more will be sent, so the words and full addresses are erased."""
     message.status = status
     message.due_at = None
+    message.finished_at = now
     message.body_key_id = message.body_sealed = None
     if via is not None:
         message.delivered_at = now
@@ -92,7 +97,8 @@ def _backoff(finished_round: int) -> float:
     """Exponential from DISPATCH_RETRY_BASE, capped at DISPATCH_RETRY_MAX, with jitter so that messages
     that failed together do not come back together."""
     config = current_app.config
-    delay = min(config["DISPATCH_RETRY_MAX"], config["DISPATCH_RETRY_BASE"] * 2 ** (finished_round - 1))
+    # The exponent is capped: past it the delay is DISPATCH_RETRY_MAX anyway, and 2 ** 1024 overflows a float.
+    delay = min(config["DISPATCH_RETRY_MAX"], config["DISPATCH_RETRY_BASE"] * 2 ** min(finished_round - 1, 40))
     return delay * random.uniform(0.8, 1.2)
 
 
@@ -100,13 +106,46 @@ def _lease_seconds() -> float:
     return 2 * current_app.config["PROVIDER_TIMEOUT"]
 
 
-def advance(message_id: uuid.UUID) -> SendStep | None:
-    """Decide what the message does next; the send to make, if any (its job is the caller's to queue)."""
+@dataclass(frozen=True)
+class Next:
+    """What `advance` decided, for its caller to queue after the commit."""
+
+    message_id: uuid.UUID
+    queue: str  # where the message's next decision runs (OTPs have a queue of their own)
+    send: SendStep | None = None  # a provider call to make now
+    look_again_in: float | None = None  # seconds until the message is due again (a round's backoff)
+    freed_host: uuid.UUID | None = None  # a Host's notification stopped sending: its next waiting one may start
+
+
+# The key space of the Hosts' dispatch locks (pg_advisory_xact_lock's two-key form); the events' lock is (0, x).
+HOST_DISPATCH_LOCKS = 0x686F7374
+
+
+def _in_flight(host_id: uuid.UUID) -> int:
+    """The Host's notifications and liveness checks being sent right now (OTPs are not counted, nor held).
+
+    On PostgreSQL the count is taken under a lock of the Host's own, held to the commit, so that two workers
+    starting two of its messages at once cannot both see room for one. It is the last lock its holder takes
+    (it only writes its message, already locked, after it), so it cannot close a circle of waits."""
+    if db.session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(host_id.bytes[:4], "big", signed=True)
+        db.session.execute(
+            text("SELECT pg_advisory_xact_lock(:space, :key)"), {"space": HOST_DISPATCH_LOCKS, "key": key}
+        )
+    query = select(func.count()).where(Message.host_id == host_id, Message.status == SENDING, Message.purpose != OTP)
+    return db.session.scalar(query) or 0
+
+
+def advance(message_id: uuid.UUID) -> Next | None:
+    """Decide what the message does next; its jobs are the caller's to queue (`Next`)."""
     message = _lock(message_id)
     if message is None:
         db.session.rollback()
         return None
-    now = utcnow()
+    now = db_now()
+    queue = advance_queue(message.purpose)
+    was_sending = message.status == SENDING and message.purpose != OTP
+    freed = message.host_id if was_sending else None
     attempts = attempts_of(message_id)
     for attempt in attempts:
         if attempt.status != ATTEMPT_SENDING:
@@ -119,20 +158,23 @@ def advance(message_id: uuid.UUID) -> SendStep | None:
         # a second channel is better than silence.
         attempt.status, attempt.error_code, attempt.finished_at = UNKNOWN, UNKNOWN_CODE, now
         attempt.message = "the worker stopped during the provider call; the message may have been sent"
+    maybe_sent = any(a.status == UNKNOWN for a in attempts)  # a provider may have taken it
     if now >= message.expires_at:
-        _finish(message, EXPIRED, now)
+        _finish(message, MESSAGE_UNKNOWN if maybe_sent else EXPIRED, now)
         db.session.commit()
         announce()
-        return None
+        return Next(message.id, queue, freed_host=freed)
     out = {a.connector_id for a in attempts if a.status == UNKNOWN or a.error_code in OUT_FOR_GOOD}
     live = [connector for connector in candidates(message.host_id, message.routes) if connector.id not in out]
     if not live:
-        _finish(message, FAILED, now)
+        _finish(message, MESSAGE_UNKNOWN if maybe_sent else FAILED, now)
         db.session.commit()
         announce()
-        return None
+        return Next(message.id, queue, freed_host=freed)
     if message.due_at is not None and message.due_at > now and message.status in (RETRYING, SENDING):
         db.session.commit()  # waiting for the next round, or for a send job already queued
+        if message.status == RETRYING:  # a countdown that ran early (a worker's clock ahead): look again then
+            return Next(message.id, queue, look_again_in=(message.due_at - now).total_seconds())
         return None
     tried = {a.connector_id for a in attempts if a.round == message.round}
     following = next((connector for connector in live if connector.id not in tried), None)
@@ -143,19 +185,57 @@ def advance(message_id: uuid.UUID) -> SendStep | None:
             start = max(start, message.not_before)
         message.status, message.due_at = RETRYING, min(start, message.expires_at)
         db.session.commit()
+        return Next(message.id, queue, look_again_in=(message.due_at - now).total_seconds(), freed_host=freed)
+    if not was_sending and message.purpose != OTP and _in_flight(message.host_id) >= _host_concurrency():
+        # The Host has as many notifications in flight as it may: this one waits its turn, in the database. The
+        # Host's next send to end takes it up; the sweep does, if nothing else has, once it is due again.
+        message.status, message.due_at = QUEUED, min(now + timedelta(seconds=_hold_seconds()), message.expires_at)
+        db.session.commit()
         return None
     message.status = SENDING
     # If the send job is lost, the sweep finds the message due again then (or at its expiry).
     message.due_at = min(now + timedelta(seconds=_lease_seconds() * 2), message.expires_at)
     db.session.commit()
-    return SendStep(message.id, following.id, following.type, message.round)
+    step = SendStep(
+        message.id, following.id, following.type, message.round, send_queue(message.purpose, following.type)
+    )
+    return Next(message.id, queue, send=step)
+
+
+def _host_concurrency() -> int:
+    return current_app.config["DISPATCH_HOST_CONCURRENCY"]
+
+
+def _hold_seconds() -> float:
+    return 2 * current_app.config["SWEEP_INTERVAL"]
 
 
 def advance_and_queue(message_id: uuid.UUID) -> None:
-    """`advance`, then queue the send it chose on the connector type's queue."""
-    step = with_database_retry("advance", lambda: advance(message_id), seconds=RECORD_RETRY_SECONDS)
-    if step is not None:
-        nudge(SEND_MESSAGE, str(step.message_id), str(step.connector_id), step.round, queue=step.connector_type)
+    """`advance`, then queue what it decided: the send on its queue, the next look at a message whose round is
+    to start after a backoff (so rounds go on without beat), and the Host's next waiting notification."""
+    after = with_database_retry("advance", lambda: advance(message_id), seconds=RECORD_RETRY_SECONDS)
+    if after is None:
+        return
+    if after.send is not None:
+        step = after.send
+        nudge(SEND_MESSAGE, str(step.message_id), str(step.connector_id), step.round, queue=step.queue)
+    if after.look_again_in is not None and after.look_again_in <= MAX_COUNTDOWN_SECONDS:
+        nudge(ADVANCE_MESSAGE, str(after.message_id), queue=after.queue, countdown=max(after.look_again_in, 0))
+    if after.freed_host is not None:
+        take_next_waiting(after.freed_host)
+
+
+def take_next_waiting(host_id: uuid.UUID) -> None:
+    """A slot of the Host's notifications came free: the oldest of those waiting their turn is taken up."""
+    waiting = db.session.scalar(
+        select(Message.id)
+        .where(Message.host_id == host_id, Message.status == QUEUED, Message.purpose != OTP)
+        .order_by(Message.created_at, Message.id)
+        .limit(1)
+    )
+    db.session.rollback()
+    if waiting is not None:
+        nudge(ADVANCE_MESSAGE, str(waiting))
 
 
 def claim_send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> Job | None:
@@ -164,7 +244,7 @@ def claim_send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> J
     if message is None:
         db.session.rollback()
         return None
-    now = utcnow()
+    now = db_now()
     connector = db.session.get(Connector, connector_id)
     open_attempt = db.session.scalar(
         select(DeliveryAttempt.id).where(
@@ -221,20 +301,24 @@ def claim_send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> J
         destination=destination,
         message=OutgoingMessage(subject=body["subject"], text=body["text"], html=body.get("html")),
         message_id=message.id,
+        host_id=message.host_id,
+        queue=advance_queue(message.purpose),
     )
     try:
         db.session.commit()
-    except IntegrityError:  # this connector was already tried in this round: at most once
+    except IntegrityError:  # tried already in this round (at most once), or the connector deleted meanwhile
         db.session.rollback()
+        db.session.execute(update(Message).where(Message.id == message_id).values(due_at=db_now()))
+        db.session.commit()  # let `advance` take it from here, now
         return None
     return job
 
 
 def record_send(job: Job, outcome: Outcome) -> bool:
     """Record a send's outcome and move the message on; True when the message still needs a next step."""
-    now = utcnow()
+    now = db_now()
     message = _lock(job.message_id)  # first, as advance does: the same lock order everywhere
-    write_outcome(job.attempt_id, job, outcome)
+    write_outcome(job.attempt_id, job, outcome, now)
     if message is None:  # already final (expired meanwhile, or delivered through another channel)
         db.session.commit()
         announce()
@@ -260,7 +344,10 @@ def send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> Ran:
         "claim", lambda: claim_send(message_id, connector_id, round_), seconds=RECORD_RETRY_SECONDS
     )
     if job is None:  # no longer to be made (already made, expired, connector gone): let advance decide
-        nudge(ADVANCE_MESSAGE, str(message_id))
+        purpose = db.session.scalar(select(Message.purpose).where(Message.id == message_id))
+        db.session.rollback()
+        if purpose is not None:
+            nudge(ADVANCE_MESSAGE, str(message_id), queue=advance_queue(purpose))
         return Ran(None, "skipped")
     outcome = perform(job)
     label = "sent" if outcome.success else str(outcome.error_code)
@@ -270,12 +357,25 @@ def send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> Ran:
         log.error("could not record the outcome of message %s: %s", message_id, type(exc).__name__)
         return Ran(outcome, label, job)
     if more:
-        nudge(ADVANCE_MESSAGE, str(message_id))
+        nudge(ADVANCE_MESSAGE, str(message_id), queue=job.queue)
+    elif job.host_id is not None:  # the message is final: its place among the Host's sends is free
+        take_next_waiting(job.host_id)
     return Ran(outcome, label, job)
 
 
-def due_messages(limit: int = 500) -> list[uuid.UUID]:
-    """Unfinished messages whose due time has come: their job was lost, their round is due, or they expired.
-    (A message queued twice is harmless: `advance` decides under the row lock.)"""
-    query = select(Message.id).where(Message.status.in_(IN_FLIGHT), Message.due_at <= utcnow())
-    return list(db.session.scalars(query.order_by(Message.due_at).limit(limit)))
+def due_messages(limit: int = 500) -> list[tuple[uuid.UUID, str]]:
+    """Unfinished messages whose due time has come, with their purpose: their job was lost, their round is due,
+    they wait their turn, or they expired. At most DISPATCH_HOST_CONCURRENCY of one Host, so that one Host's
+    backlog cannot take a sweep's whole batch. (A message queued twice is harmless: `advance` decides under the
+    row lock.)"""
+    rank = func.row_number().over(partition_by=Message.host_id, order_by=(Message.due_at, Message.id))
+    ranked = (
+        select(Message.id, Message.purpose, Message.due_at, rank.label("turn"))
+        .where(Message.status.in_(IN_FLIGHT), Message.due_at <= db_now())
+        .subquery()
+    )
+    # One-time codes are never held back by their own Host's waiting notifications.
+    query = select(ranked.c.id, ranked.c.purpose).where(
+        or_(ranked.c.turn <= _host_concurrency(), ranked.c.purpose == OTP)
+    )
+    return [(row.id, row.purpose) for row in db.session.execute(query.order_by(ranked.c.due_at).limit(limit))]

@@ -9,19 +9,23 @@ from sqlalchemy.orm import Mapped, mapped_column
 from app.extensions import db
 from app.timeutil import utcnow
 
-# queued -> sending -> delivered | failed | expired, with retrying between rounds.
-QUEUED, SENDING, RETRYING, DELIVERED, FAILED, EXPIRED = (
+# queued -> sending -> delivered | failed | expired | unknown, with retrying between rounds. A message that ends
+# without a delivery but after an attempt the provider may have taken ends `unknown`, not failed or expired:
+# those would say nothing was sent.
+QUEUED, SENDING, RETRYING, DELIVERED, FAILED, EXPIRED, UNKNOWN = (
     "queued",
     "sending",
     "retrying",
     "delivered",
     "failed",
     "expired",
+    "unknown",
 )
 IN_FLIGHT = (QUEUED, SENDING, RETRYING)
-FINAL = (DELIVERED, FAILED, EXPIRED)
+FINAL = (DELIVERED, FAILED, EXPIRED, UNKNOWN)
 STATUSES = (*IN_FLIGHT, *FINAL)
-PURPOSES = ("otp", "notification", "liveness")
+OTP = "otp"
+PURPOSES = (OTP, "notification", "liveness")
 
 
 class Message(db.Model):
@@ -37,6 +41,10 @@ class Message(db.Model):
         Index("ix_messages_host_created", "host_id", "created_at"),
         # The sweep's question: which unfinished messages are due for a look?
         Index("ix_messages_status_due", "status", "due_at"),
+        # Retention: which messages ended long enough ago to be forgotten?
+        Index("ix_messages_finished_at", "finished_at"),
+        # Fairness: how many of a Host's messages are being sent right now?
+        Index("ix_messages_host_status", "host_id", "status"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -56,6 +64,7 @@ class Message(db.Model):
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow, onupdate=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)  # when it reached a final status
     delivered_via_connector_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     delivered_via_type: Mapped[str | None] = mapped_column(String(16))
     body_key_id: Mapped[str | None] = mapped_column(String(32))

@@ -17,15 +17,17 @@ from sqlalchemy.exc import IntegrityError
 
 from app.attempts import DeliveryAttempt
 from app.auth.models import Host
+from app.auth.service import digest_key
 from app.channels import CHANNELS
 from app.channels.base import text_length
 from app.connectors.models import Connector
 from app.connectors.service import keyring
+from app.crypto import RequestDigest
 from app.errors import IDEMPOTENCY_KEY_REUSED, NO_ROUTE, NotFoundError, UnprocessableError
 from app.extensions import db
 from app.messages.models import QUEUED, Message
-from app.queues import ADVANCE_MESSAGE, nudge
-from app.timeutil import utcnow
+from app.queues import ADVANCE_MESSAGE, advance_queue, nudge
+from app.timeutil import db_now
 
 SUBJECTS = {
     "otp": "Your BAPBA code",
@@ -35,8 +37,11 @@ SUBJECTS = {
 DEFAULT_EXPIRES_IN = {"otp": 600, "notification": 7 * 86400, "liveness": 7 * 86400}
 
 
-def _digest(host_id: uuid.UUID, data: dict[str, Any]) -> str:
-    return keyring().digest(host_id, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+def _digest(host_id: uuid.UUID, data: dict[str, Any]) -> RequestDigest:
+    """The request's digest under the Host's digest key, which a rotation re-seals but never changes: a replay
+    after a rotation is still recognised. Made first in `create_message`, as `digest_key` asks."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return keyring().request_digest(host_id, digest_key(host_id), canonical)
 
 
 def _routes(recipient: dict[str, str], channels: list[str] | None, text: str) -> tuple[list[str], list[str]]:
@@ -62,8 +67,8 @@ def _existing(host_id: uuid.UUID, key: str) -> Message | None:
     return db.session.scalar(select(Message).where(Message.host_id == host_id, Message.idempotency_key == key))
 
 
-def _replay(message: Message, digest: str) -> tuple[Message, bool]:
-    if message.request_digest != digest:
+def _replay(message: Message, digest: RequestDigest) -> tuple[Message, bool]:
+    if not digest.matches(message.request_digest):
         raise UnprocessableError(
             "This Idempotency-Key was used with a different request", error_code=IDEMPOTENCY_KEY_REUSED
         )
@@ -103,13 +108,13 @@ def create_message(host_id: uuid.UUID, key: str, data: dict[str, Any]) -> tuple[
         raise UnprocessableError(
             _no_route(recipient, channels, routes, too_long_for, data["text"]), error_code=NO_ROUTE
         )
-    now = utcnow()
+    now = db_now()
     purpose = data["purpose"]
     message = Message(
         id=uuid.uuid4(),
         host_id=host_id,
         idempotency_key=key,
-        request_digest=digest,
+        request_digest=digest.value,
         purpose=purpose,
         status=QUEUED,
         routes=routes,
@@ -139,7 +144,8 @@ def create_message(host_id: uuid.UUID, key: str, data: dict[str, Any]) -> tuple[
         if existing is None:
             raise
         return _replay(existing, digest)
-    nudge(ADVANCE_MESSAGE, str(message.id))  # the sweep takes it if the broker cannot
+    # Its first step, queued now; the sweep takes it if the broker cannot.
+    nudge(ADVANCE_MESSAGE, str(message.id), queue=advance_queue(purpose))
     return message, True
 
 
