@@ -217,6 +217,9 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
         "EVENTS_WEBHOOK_URL": webhook_url,
         "EVENTS_WEBHOOK_SECRET": webhook_secret,
         "EVENTS_RETRY_BASE": _number(env, "EVENTS_RETRY_BASE", 1.0, 0.1, 3600.0),
+        # A receiver's whole answer to one event; its own, not PROVIDER_TIMEOUT: receivers are our services,
+        # and a slow one must still get its events through (common webhook senders wait about 15 s).
+        "EVENTS_TIMEOUT": _number(env, "EVENTS_TIMEOUT", 15.0, 0.1, 300.0),
         "EVENTS_RETENTION": _number(env, "EVENTS_RETENTION", 30 * 86400.0, 86400.0, 3650 * 86400.0),
         "MESSAGE_RETENTION": _number(env, "MESSAGE_RETENTION", 90 * 86400.0, 86400.0, 3650 * 86400.0),
         "ATTEMPT_RETENTION": _number(env, "ATTEMPT_RETENTION", 90 * 86400.0, 86400.0, 3650 * 86400.0),

@@ -22,6 +22,27 @@ NAME_PATTERN = (
 )
 
 
+# What ends a line or a header: the C0 and C1 controls (CR, LF, NUL, tab...) and the line and paragraph
+# separators. Refused in one-line values (a subject, an address) at the API: a provider would fail on them later,
+# after the request was accepted ("Header values may not contain linefeed"), or a header would break in two.
+LINE_BREAKING = {"Cc", "Zl", "Zp"}
+ONE_LINE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"  # the rule for the docs
+NO_NUL_PATTERN = r"^[^\x00]*$"
+
+
+def one_line(value: str) -> None:
+    """A marshmallow validator: no control character or line separator."""
+    if any(unicodedata.category(char) in LINE_BREAKING for char in value):
+        raise ValidationError("Must not contain control characters (such as CR, LF or NUL) or line separators.")
+
+
+def no_nul(value: str) -> None:
+    """A marshmallow validator for text that may span lines: no NUL, which no database text column or provider
+    takes."""
+    if "\x00" in value:
+        raise ValidationError("Must not contain NUL characters.")
+
+
 class FullMatch(validate.Regexp):
     """Regexp on the whole value: `re.match` with `$` would let a trailing newline through."""
 
@@ -72,6 +93,7 @@ def e164(value: Any) -> str:
     """The number in E.164 form, or ValidationError."""
     if not isinstance(value, str) or not value.startswith("+"):
         raise ValidationError("Must be an E.164 phone number such as +14155550123.")
+    one_line(value)  # phonenumbers would drop a trailing CR, LF, tab or NUL and take the number
     try:
         number = phonenumbers.parse(value, None)
     except phonenumbers.NumberParseException:

@@ -217,13 +217,23 @@ def clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
     if "app" not in request.fixturenames:
         return
     flask_app: Flask = request.getfixturevalue("app")
+    from sqlalchemy.exc import OperationalError
+
     from app.extensions import db, limiter
 
     with flask_app.app_context():
-        db.session.rollback()
-        for table in ("delivery_attempts", "messages", "events", "connectors", "hosts"):
-            db.session.execute(text(f"DELETE FROM {table}"))
-        db.session.commit()
+        for attempt in range(5):
+            db.session.rollback()
+            try:
+                for table in ("delivery_attempts", "messages", "events", "connectors", "hosts"):
+                    db.session.execute(text(f"DELETE FROM {table}"))
+                db.session.commit()
+                break
+            except OperationalError:  # a worker still finishing the test's last job held a row (a deadlock)
+                db.session.rollback()
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
         limiter.reset()
     if "peers" in request.fixturenames:
         for peer in request.getfixturevalue("peers").all():

@@ -14,14 +14,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import select, text, update
+from sqlalchemy import or_, select, text, update
 
 from app.errors import with_database_retry
 from app.events.models import Event
 from app.events.webhook import post_event
 from app.extensions import db
 from app.fields import TIMESTAMP_FORMAT
-from app.queues import DELIVER_EVENTS, nudge_coalesced
+from app.queues import DELIVER_EVENTS, nudge, nudge_coalesced
 from app.timeutil import db_now
 
 log = logging.getLogger(__name__)
@@ -93,47 +93,71 @@ class Claimed:
     payload: str
     created_at: datetime
     tries: int
+    claimed_at: datetime  # on the database's clock: the post's `webhook-timestamp`
 
 
-def claim_next(lease_seconds: float) -> Claimed | None:
+def claim_next(lease_seconds: float, delivered: Claimed | None = None) -> Claimed | None:
     """The oldest undelivered event if it is due, taken for one try; None when there is none (or it waits).
 
-    Nothing later is sent while it waits: receivers see events in order. The claim is a compare-and-set on its
-    try count, so two workers never send one event at once, and a worker that dies mid-try only delays it.
+    Nothing later is sent while it waits: receivers see events in order. The claim is a compare-and-set in one
+    statement (the head, if still undelivered and due, gets its try and a lease), so two workers never send one
+    event at once, and a worker that dies mid-try only delays it. `delivered`, the event this worker has just
+    posted, is recorded in the same transaction: one commit per event.
     """
     now = db_now()
-    # Events too old to post (e.g. written while no webhook was set: polled, not posted) are set aside all at
-    # once, however many, before the head is taken.
-    stale = (Event.delivered_at.is_(None), Event.abandoned_at.is_(None), Event.created_at <= now - GIVE_UP_AFTER)
-    if db.session.scalar(select(Event.id).where(*stale).limit(1)) is not None:
-        db.session.execute(update(Event).where(*stale).values(abandoned_at=now, next_try_at=None))
-        db.session.commit()
-    head = db.session.scalar(
-        select(Event).where(Event.delivered_at.is_(None), Event.abandoned_at.is_(None)).order_by(Event.id).limit(1)
-    )
-    if head is None or (head.next_try_at is not None and head.next_try_at > now):
-        db.session.rollback()
-        return None
-    taken = db.session.execute(
-        update(Event)
-        .where(Event.id == head.id, Event.delivered_at.is_(None), Event.tries == head.tries)
-        .values(tries=head.tries + 1, next_try_at=now + timedelta(seconds=lease_seconds))
-    ).rowcount
-    if not taken:
-        db.session.rollback()
-        return None
-    claimed = Claimed(head.id, json.dumps(_body(head), separators=(",", ":")), head.created_at, head.tries + 1)
+    if delivered is not None:
+        _record(delivered, None, now)
+    claimed = _take_head(now, lease_seconds)
+    # The head is too old to post (e.g. written while no webhook was set: polled, not posted): every such event
+    # is set aside at once, however many, and the head taken again.
+    if claimed is None and _set_aside_stale(now):
+        claimed = _take_head(now, lease_seconds)
     db.session.commit()
     return claimed
 
 
-def _body(event: Event) -> dict[str, Any]:
-    return {"type": event.type, "timestamp": event.created_at.strftime(TIMESTAMP_FORMAT), "data": event.data}
+def _take_head(now: datetime, lease_seconds: float) -> Claimed | None:
+    head = (
+        select(Event.id)
+        .where(Event.delivered_at.is_(None), Event.abandoned_at.is_(None))
+        .order_by(Event.id)
+        .limit(1)
+        .correlate(None)
+        .scalar_subquery()
+    )
+    # The conditions are checked again on the row it locks: a second worker whose statement met the head before
+    # the first committed finds it leased (or delivered) and takes nothing.
+    row = db.session.execute(
+        update(Event)
+        .where(
+            Event.id == head,
+            Event.delivered_at.is_(None),
+            Event.abandoned_at.is_(None),
+            Event.created_at > now - GIVE_UP_AFTER,
+            or_(Event.next_try_at.is_(None), Event.next_try_at <= now),
+        )
+        .values(tries=Event.tries + 1, next_try_at=now + timedelta(seconds=lease_seconds))
+        .returning(Event.id, Event.type, Event.created_at, Event.data, Event.tries)
+        .execution_options(synchronize_session=False)  # no Event is loaded in this session: none to refresh
+    ).first()
+    if row is None:
+        return None
+    body = {"type": row.type, "timestamp": row.created_at.strftime(TIMESTAMP_FORMAT), "data": row.data}
+    return Claimed(row.id, json.dumps(body, separators=(",", ":")), row.created_at, row.tries, now)
+
+
+def _set_aside_stale(now: datetime) -> bool:
+    stale = (Event.delivered_at.is_(None), Event.abandoned_at.is_(None), Event.created_at <= now - GIVE_UP_AFTER)
+    return bool(db.session.execute(update(Event).where(*stale).values(abandoned_at=now, next_try_at=None)).rowcount)
 
 
 def record_try(event: Claimed, error: str | None) -> None:
     """Delivered (error None), or retried after a backoff, or given up a day after the event."""
-    now = db_now()
+    _record(event, error, db_now())
+    db.session.commit()
+
+
+def _record(event: Claimed, error: str | None, now: datetime) -> None:
     values: dict[str, Any]
     if error is None:
         values = {"delivered_at": now, "next_try_at": None, "last_error": None}
@@ -144,8 +168,9 @@ def record_try(event: Claimed, error: str | None) -> None:
         delay = min(MAX_BACKOFF_SECONDS, current_app.config["EVENTS_RETRY_BASE"] * 2 ** (event.tries - 1))
         values = {"next_try_at": now + timedelta(seconds=delay), "last_error": error}
         log.warning("event %s not delivered (%s); try %s again in %.1f s", event.id, error, event.tries + 1, delay)
-    db.session.execute(update(Event).where(Event.id == event.id).values(**values))
-    db.session.commit()
+    db.session.execute(
+        update(Event).where(Event.id == event.id).values(**values).execution_options(synchronize_session=False)
+    )
 
 
 def has_due() -> bool:
@@ -162,21 +187,31 @@ def has_due() -> bool:
 
 def deliver_due() -> int:
     """Post the outbox to EVENTS_WEBHOOK_URL, oldest first, up to a batch; stops at the first failure (order is
-    kept). How many were delivered."""
+    kept). How many were delivered. A full batch queues the next delivery job, so that a backlog drains job after
+    job (each bounded) rather than one batch per sweep."""
     config = current_app.config
     if not config["EVENTS_WEBHOOK_URL"]:
         return 0
-    timeout = config["PROVIDER_TIMEOUT"]
+    timeout = config["EVENTS_TIMEOUT"]
+    lease = timeout * 2 + 5  # a post ends within `timeout`: the lease outlives it with room for the recording
     sent = 0
-    for _ in range(DELIVERY_BATCH):
-        claimed = with_database_retry("claim event", lambda: claim_next(lease_seconds=timeout * 2 + 5), seconds=60)
-        if claimed is None:
-            break
+    claimed = with_database_retry("claim event", lambda: claim_next(lease), seconds=60)
+    while claimed is not None:
         error = post_event(
-            config["EVENTS_WEBHOOK_URL"], config["EVENTS_WEBHOOK_SECRET"], claimed.id, claimed.payload, timeout
+            config["EVENTS_WEBHOOK_URL"],
+            config["EVENTS_WEBHOOK_SECRET"],
+            claimed.id,
+            claimed.payload,
+            timeout,
+            claimed.claimed_at,
         )
-        with_database_retry("record event", lambda c=claimed, e=error: record_try(c, e), seconds=60)
         if error is not None:
+            with_database_retry("record event", lambda c=claimed, e=error: record_try(c, e), seconds=60)
             break
         sent += 1
+        if sent == DELIVERY_BATCH:
+            with_database_retry("record event", lambda c=claimed: record_try(c, None), seconds=60)
+            nudge(DELIVER_EVENTS)
+            break
+        claimed = with_database_retry("record event", lambda c=claimed: claim_next(lease, delivered=c), seconds=60)
     return sent

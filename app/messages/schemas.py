@@ -9,7 +9,18 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from app.attempts import STATUSES as ATTEMPT_STATUSES
 from app.channels import TYPE_NAMES
 from app.channels.telegram import chat_id
-from app.fields import E164, PRINTABLE_ASCII, EmailAddress, FullMatch, StrictInteger, UtcTimestamp
+from app.fields import (
+    E164,
+    NO_NUL_PATTERN,
+    ONE_LINE_PATTERN,
+    PRINTABLE_ASCII,
+    EmailAddress,
+    FullMatch,
+    StrictInteger,
+    UtcTimestamp,
+    no_nul,
+    one_line,
+)
 from app.messages.models import PURPOSES, STATUSES
 
 MIN_EXPIRES_IN, MAX_EXPIRES_IN = 5, 2_592_000
@@ -17,7 +28,9 @@ MIN_EXPIRES_IN, MAX_EXPIRES_IN = 5, 2_592_000
 
 class TelegramChat(fields.String):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        return chat_id(super()._deserialize(value, attr, data, **kwargs))
+        text = super()._deserialize(value, attr, data, **kwargs)
+        one_line(text)  # `chat_id` trims whitespace, a trailing CR or LF with it
+        return chat_id(text)
 
 
 class RecipientSchema(Schema):
@@ -42,9 +55,18 @@ class MessageCreateSchema(Schema):
 
     purpose = fields.String(required=True, validate=validate.OneOf(PURPOSES))
     recipient = fields.Nested(RecipientSchema, required=True)
-    subject = fields.String(validate=validate.Length(1, 255), metadata={"description": "Email only; by purpose"})
-    text = fields.String(required=True, validate=validate.Length(1, 4000))
-    html = fields.String(allow_none=True, validate=validate.Length(1, 60_000), metadata={"description": "Email only"})
+    subject = fields.String(
+        validate=[validate.Length(1, 255), one_line],
+        metadata={"description": "Email only; by purpose", "pattern": ONE_LINE_PATTERN},
+    )
+    text = fields.String(
+        required=True, validate=[validate.Length(1, 4000), no_nul], metadata={"pattern": NO_NUL_PATTERN}
+    )
+    html = fields.String(
+        allow_none=True,
+        validate=[validate.Length(1, 60_000), no_nul],
+        metadata={"description": "Email only", "pattern": NO_NUL_PATTERN},
+    )
     channels = fields.List(
         fields.String(validate=validate.OneOf(TYPE_NAMES)),
         validate=validate.Length(1, len(TYPE_NAMES)),
