@@ -11,9 +11,9 @@ from flask import Flask
 from flask.cli import ScriptInfo
 from flask_jwt_extended import create_access_token
 
-from app.connectors.service import reseal_all
 from app.extensions import init_migrations
 from app.operators import register_operator_commands
+from app.rotation import reseal_all
 
 
 class _MigrationsCommand(click.Command):

@@ -23,7 +23,6 @@ from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.json import dumps, loads
 
 from app.channels import CHANNELS
-from app.messages.models import OTP
 
 
 class _AtomicChannel(filesystem.Channel):
@@ -88,16 +87,6 @@ CHECK_SCHEDULE = "checks.schedule"
 COALESCE_SECONDS = 0.25
 
 log = logging.getLogger(__name__)
-
-
-def advance_queue(purpose: str) -> str:
-    """Where a message's decisions run: one-time codes apart, so they never wait behind a flood of notifications."""
-    return OTP_QUEUE if purpose == OTP else DISPATCH_QUEUE
-
-
-def send_queue(purpose: str, connector_type: str) -> str:
-    """Where a message's provider calls run: one-time codes apart, the rest on their connector type's queue."""
-    return OTP_QUEUE if purpose == OTP else CHANNELS[connector_type].queue
 
 
 def queue_names() -> list[str]:

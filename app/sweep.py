@@ -17,9 +17,10 @@ from app.events.service import has_due
 from app.extensions import db
 from app.messages.dispatch import due_messages
 from app.messages.models import Message
+from app.messages.service import advance_queue
 from app.outcomes import TIMEOUT as TIMEOUT_CODE
 from app.outcomes import UNKNOWN as UNKNOWN_CODE
-from app.queues import ADVANCE_MESSAGE, DELIVER_EVENTS, advance_queue, nudge
+from app.queues import ADVANCE_MESSAGE, DELIVER_EVENTS, nudge
 from app.timeutil import db_now
 
 # Retention deletes in short transactions of at most PRUNE_BATCH rows, and at most PRUNE_BATCHES of them per

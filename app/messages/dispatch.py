@@ -35,10 +35,10 @@ from app.events.service import announce, emit
 from app.extensions import db
 from app.messages.models import DELIVERED, EXPIRED, FAILED, IN_FLIGHT, OTP, QUEUED, RETRYING, SENDING, Message
 from app.messages.models import UNKNOWN as MESSAGE_UNKNOWN
-from app.messages.service import attempts_of, candidates
+from app.messages.service import advance_queue, attempts_of, candidates, send_queue
 from app.outcomes import PERMANENT, WORKER_ERROR, Outcome
 from app.outcomes import UNKNOWN as UNKNOWN_CODE
-from app.queues import ADVANCE_MESSAGE, SEND_MESSAGE, advance_queue, nudge, send_queue
+from app.queues import ADVANCE_MESSAGE, SEND_MESSAGE, nudge
 from app.timeutil import db_now, utcnow
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from app.connectors.service import keyring
 from app.crypto import RequestDigest
 from app.errors import IDEMPOTENCY_KEY_REUSED, NO_ROUTE, NotFoundError, UnprocessableError
 from app.extensions import db
-from app.messages.models import QUEUED, Message
-from app.queues import ADVANCE_MESSAGE, advance_queue, nudge
+from app.messages.models import OTP, QUEUED, Message
+from app.queues import ADVANCE_MESSAGE, DISPATCH_QUEUE, OTP_QUEUE, nudge
 from app.timeutil import db_now
 
 SUBJECTS = {
@@ -35,6 +35,16 @@ SUBJECTS = {
     "liveness": "BAPBA: please confirm you are still with us",
 }
 DEFAULT_EXPIRES_IN = {"otp": 600, "notification": 7 * 86400, "liveness": 7 * 86400}
+
+
+def advance_queue(purpose: str) -> str:
+    """Where a message's decisions run: one-time codes apart, so they never wait behind a flood of notifications."""
+    return OTP_QUEUE if purpose == OTP else DISPATCH_QUEUE
+
+
+def send_queue(purpose: str, connector_type: str) -> str:
+    """Where a message's provider calls run: one-time codes apart, the rest on their connector type's queue."""
+    return OTP_QUEUE if purpose == OTP else CHANNELS[connector_type].queue
 
 
 def _digest(host_id: uuid.UUID, data: dict[str, Any]) -> RequestDigest:
