@@ -77,8 +77,9 @@ def create_app(overrides: dict[str, Any] | None = None, env: dict[str, str] | No
     from app.events.routes import blp as events_blp
     from app.health import blp as health_blp
     from app.messages.routes import blp as messages_blp
+    from app.webhooks.routes import blp as webhooks_blp
 
-    for blueprint in (connectors_blp, deliveries_blp, internal_blp, messages_blp, events_blp, health_blp):
+    for blueprint in (connectors_blp, deliveries_blp, internal_blp, messages_blp, events_blp, webhooks_blp, health_blp):
         api.register_blueprint(blueprint)
     swagger_assets = str(files("flask_swagger_ui") / "dist")
     app.register_blueprint(

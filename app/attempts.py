@@ -21,6 +21,9 @@ PENDING, SENDING, SENT, VERIFIED, FAILED, TIMEOUT, UNKNOWN = (
 STATUSES = (PENDING, SENDING, SENT, VERIFIED, FAILED, TIMEOUT, UNKNOWN)
 FINISHED = (SENT, VERIFIED, FAILED)  # what a worker recorded
 TEST, CHECK, MESSAGE = "test", "check", "message"
+# Receipts, in the only order they may move: a late or repeated one changes nothing.
+RECEIPT_UNDELIVERED, RECEIPT_DELIVERED, RECEIPT_READ = "undelivered", "delivered", "read"
+RECEIPTS = (RECEIPT_UNDELIVERED, RECEIPT_DELIVERED, RECEIPT_READ)
 OPEN_FILTER = text("status IN ('pending', 'sending')")
 OPEN_PROBE_FILTER = text("status IN ('pending', 'sending') AND kind IN ('test', 'check')")
 PROBE_FILTER = text("kind IN ('test', 'check')")
@@ -55,6 +58,8 @@ class DeliveryAttempt(db.Model):
             postgresql_where=PROBE_FILTER,
             sqlite_where=PROBE_FILTER,
         ),
+        # A provider's receipt finds its attempt by the connector and the provider's id of the message.
+        Index("ix_delivery_attempts_connector_provider_message", "connector_id", "provider_message_id"),
         # At most once per connector and round of a message: a second claim of the same send fails here.
         Index("uq_delivery_attempts_message_connector_round", "message_id", "connector_id", "round", unique=True),
     )
@@ -79,3 +84,8 @@ class DeliveryAttempt(db.Model):
     # Tests and checks: when the caller stops waiting. Dispatch: the lease of the provider call.
     deadline_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The provider's id of what it accepted (Twilio SID, WhatsApp wamid, Telegram message_id, the email's
+    # Message-ID), and what its receipts said of it since: None, delivered, read or undelivered (forward only).
+    provider_message_id: Mapped[str | None] = mapped_column(String(128))
+    receipt: Mapped[str | None] = mapped_column(String(16))
+    receipt_at: Mapped[datetime | None] = mapped_column(DateTime)

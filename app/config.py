@@ -63,6 +63,19 @@ def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def _public_base_url(env: Mapping[str, str], production: bool) -> str | None:
+    """Where providers and people reach this service (receipts' callbacks, acknowledgement links)."""
+    raw = env.get("PUBLIC_BASE_URL", "").strip().rstrip("/")
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError("PUBLIC_BASE_URL must be an https:// address such as https://connectors.example.org")
+    if production and parts.scheme != "https":
+        raise ConfigError("PUBLIC_BASE_URL must be https:// when APP_ENV=production")
+    return raw
+
+
 def _master_key(name: str, raw: str) -> bytes:
     raw = raw.strip()
     try:
@@ -226,6 +239,7 @@ def load_settings(env: Mapping[str, str], instance_path: Path) -> dict[str, Any]
         "DISPATCH_RETRY_BASE": _number(env, "DISPATCH_RETRY_BASE", 30.0, 0.1, 3600.0),
         "DISPATCH_RETRY_MAX": _number(env, "DISPATCH_RETRY_MAX", 3600.0, 0.1, 86400.0),
         "DISPATCH_LIMIT": _rate_limit(env, "DISPATCH_LIMIT", "600 per minute"),
+        "PUBLIC_BASE_URL": _public_base_url(env, production),
         "DISPATCH_HOST_CONCURRENCY": int(_number(env, "DISPATCH_HOST_CONCURRENCY", 10, 1, 10_000)),
         "TWILIO_API_BASE_URL": env.get("TWILIO_API_BASE_URL", "https://api.twilio.com").rstrip("/"),
         "WHATSAPP_API_BASE_URL": env.get("WHATSAPP_API_BASE_URL", "https://graph.facebook.com").rstrip("/"),

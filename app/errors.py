@@ -27,10 +27,13 @@ EXTRA_KEYS = ("success", "error_code")
 DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout)
 DATABASE_RETRY_AFTER = 5
 # error_code values of errors that are not delivery outcomes.
-DATABASE_UNAVAILABLE, BUSY, IN_PROGRESS, IDEMPOTENCY_KEY_REUSED, NO_ROUTE, LAST_CONNECTOR = (
-    "database_unavailable", "busy", "in_progress", "idempotency_key_reused", "no_route", "last_connector"
+DATABASE_UNAVAILABLE, BUSY, IN_PROGRESS, IDEMPOTENCY_KEY_REUSED, NO_ROUTE, LAST_CONNECTOR, CONFIRM_UNAVAILABLE = (
+    "database_unavailable", "busy", "in_progress", "idempotency_key_reused", "no_route", "last_connector",
+    "confirm_unavailable",
 )  # fmt: skip
-SERVICE_ERROR_CODES = (DATABASE_UNAVAILABLE, BUSY, IN_PROGRESS, IDEMPOTENCY_KEY_REUSED, NO_ROUTE, LAST_CONNECTOR)
+SERVICE_ERROR_CODES = (
+    DATABASE_UNAVAILABLE, BUSY, IN_PROGRESS, IDEMPOTENCY_KEY_REUSED, NO_ROUTE, LAST_CONNECTOR, CONFIRM_UNAVAILABLE
+)  # fmt: skip
 
 
 class ErrorEnvelopeSchema(Schema):

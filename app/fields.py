@@ -132,10 +132,10 @@ class EmailAddress(fields.String):
 PRINTABLE_ASCII = FullMatch(r"[\x20-\x7e]*", error="Must be printable ASCII characters.")
 
 
-def credential(max_length: int = 4096) -> fields.String:
+def credential(max_length: int = 4096, required: bool = True) -> fields.String:
     """A write-only credential. Providers carry credentials in ASCII-only places (HTTP headers, SMTP AUTH)."""
     return fields.String(
-        required=True,
+        required=required,
         load_only=True,
         validate=[validate.Length(1, max_length, error="Required: must be 1 to {max} characters."), PRINTABLE_ASCII],
     )

@@ -22,6 +22,7 @@ TIMEOUT = "timeout"  # no worker finished the job in time
 BROKER_UNAVAILABLE = "broker_unavailable"  # the job could not be queued
 WORKER_ERROR = "worker_error"  # the worker failed unexpectedly
 UNKNOWN = "unknown"  # the worker stopped during the provider call: the message may or may not have gone
+UNDELIVERED = "undelivered"  # a provider's receipt said an accepted message did not reach the recipient
 
 ERROR_CODES = (
     AUTH_FAILED,
@@ -35,6 +36,7 @@ ERROR_CODES = (
     BROKER_UNAVAILABLE,
     WORKER_ERROR,
     UNKNOWN,
+    UNDELIVERED,
 )
 
 # Failures the provider or the Host's settings caused (a test's or check's 502), as against our own.
@@ -62,6 +64,7 @@ class Outcome:
     error_code: str | None = None
     details: dict[str, str] | None = None  # a check's public facts (the bot's @username, the SMTP greeting)
     retry_after: float | None = None  # seconds the provider asked us to wait (a 429's Retry-After), if any
+    provider_message_id: str | None = None  # what the provider calls the message it accepted
 
     def verdict(self, probe: bool) -> bool | None:
         """What it says of the connector: works (True), is broken (False), or nothing (None: is_verified stays).

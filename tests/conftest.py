@@ -45,6 +45,7 @@ TELEGRAM_TOKEN = "7012345678:AAHtgSecretToken4b2d9e8f1a3c5d7e"
 SECRET_VALUES = (SMTP_PASSWORD, TWILIO_SECRET, WHATSAPP_TOKEN, TELEGRAM_TOKEN, TELEGRAM_TOKEN.partition(":")[2])
 
 USES_REDIS = bool(TEST_REDIS_URL)
+PUBLIC_BASE_URL = "http://connectors.test"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"bapba-test-webhook-secret-32bytes!").decode()
 
 
@@ -119,6 +120,8 @@ def service_env(tmp_path_factory: pytest.TempPathFactory, peers: Peers) -> Itera
         "WHATSAPP_API_BASE_URL": peers.whatsapp.base_url,
         "TELEGRAM_API_BASE_URL": peers.telegram.base_url,
         "SSL_CERT_FILE": str(peers.cert_file),  # type: ignore[attr-defined]
+        # Where providers would post their receipts: the tests post them themselves, signed for this address.
+        "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
     }
     db_name = None
     if TEST_DATABASE_URL:

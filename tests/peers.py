@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -340,10 +341,13 @@ class TwilioPeer(HttpPeer):
             return 500, {"code": 20500, "message": "Internal Server Error", "status": 500}
         if self.mode == "quote":  # a content filter quoting what it refused
             return 400, {"code": 30007, "message": f"Message filtered: {form.get('Body')}", "status": 400}
+        sid = "SM" + uuid.uuid4().hex  # each message its own, as Twilio's: receipts name it
         self.record(
-            {"to": form.get("To"), "from": form.get("From"), "body": form.get("Body"), "account": match.group(1)}
-        )
-        sid = "SM" + "0" * 32
+            {
+                "to": form.get("To"), "from": form.get("From"), "body": form.get("Body"), "account": match.group(1),
+                "sid": sid, "status_callback": form.get("StatusCallback"),
+            }
+        )  # fmt: skip
         return 201, {
             "sid": sid,
             "account_sid": match.group(1),
@@ -400,11 +404,12 @@ class WhatsAppPeer(HttpPeer):
             }
         if self.mode == "error":
             return 500, {"error": {"message": "An unknown error occurred", "type": "OAuthException", "code": 1}}
-        self.record({"version": match.group(1), "phone_number_id": match.group(2), **payload})
+        wamid = f"wamid.{uuid.uuid4().hex}"  # each message its own: Meta's receipts name it
+        self.record({"version": match.group(1), "phone_number_id": match.group(2), "wamid": wamid, **payload})
         return 200, {
             "messaging_product": "whatsapp",
             "contacts": [{"input": payload.get("to"), "wa_id": payload.get("to")}],
-            "messages": [{"id": "wamid.HBgLMTY1MDM4Nzk0MzkVAgARGBI"}],
+            "messages": [{"id": wamid}],
         }
 
     def _graph_get(self, path: str, headers: Any) -> tuple[int, Any]:

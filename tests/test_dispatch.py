@@ -43,7 +43,7 @@ def wait_final(app: Flask, client: FlaskClient, message_id: str, seconds: float 
     deadline = time.monotonic() + seconds
     while True:
         current = message(client, message_id)
-        if current["status"] in {"delivered", "failed", "expired", "unknown"}:
+        if current["status"] in {"delivered", "failed", "expired", "unknown", "unconfirmed"}:
             return current
         assert time.monotonic() < deadline, current
         sweep(app)  # rounds come due; beat would do this

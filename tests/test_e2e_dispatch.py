@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 e2e_peers, providers, stack = e2e_stack.e2e_peers, e2e_stack.providers, e2e_stack.stack
 
 RECIPIENT = {"email": "ana@example.org", "phone": "+14155552671", "telegram_chat_id": "123456789"}
-FINAL = {"delivered", "failed", "expired", "unknown"}
+FINAL = {"delivered", "failed", "expired", "unknown", "unconfirmed"}
 LEASE = 2 * PROVIDER_TIMEOUT
 
 

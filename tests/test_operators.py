@@ -49,7 +49,7 @@ def wait_final(app: Flask, client: FlaskClient, message_id: str, seconds: float 
     deadline = time.monotonic() + seconds
     while True:
         current = api(client, f"/api/internal/messages/{message_id}")
-        if current["status"] in {"delivered", "failed", "expired", "unknown"}:
+        if current["status"] in {"delivered", "failed", "expired", "unknown", "unconfirmed"}:
             return current
         assert time.monotonic() < deadline, current
         run_periodic(app, "dispatch.sweep")  # what beat does every SWEEP_INTERVAL

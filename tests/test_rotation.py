@@ -64,7 +64,7 @@ def _wait(
 
 
 def _final(message: dict[str, Any]) -> bool:
-    return message["status"] in {"delivered", "failed", "expired", "unknown"}
+    return message["status"] in {"delivered", "failed", "expired", "unknown", "unconfirmed"}
 
 
 def _rotated(app: Flask, tmp_path: Path) -> Flask:

@@ -63,6 +63,9 @@ class OutgoingMessage:
     subject: str
     text: str
     html: str | None = None
+    # Where the provider may report what became of it (Twilio's StatusCallback), when the service has a public
+    # address and the connector can check the reports' signatures.
+    status_callback: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,9 @@ class Provider(ABC):
         return [str(config[name]) for name in self.secret_fields if config.get(name)]
 
     @abstractmethod
-    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
-        """Send one message or raise DeliveryError."""
+    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> str | None:
+        """Send one message and return the provider's id of it (what its receipts name), or raise
+        DeliveryError."""
 
     @abstractmethod
     def verify(self, config: dict[str, Any]) -> dict[str, str]:
@@ -111,6 +115,18 @@ class ChannelType:
     mask: Callable[[str], str]  # a destination -> enough to recognise it, not enough to harvest it
     # A valid config -> the fields this deployment refuses, with why (config, ALLOW_PRIVATE_DESTINATIONS).
     refused_fields: Callable[[dict[str, Any], bool], dict[str, list[str]]] = lambda _config, _allow_private: {}
+    # A valid config -> the secret that signs its provider's receipts (a Twilio Auth Token, a Meta app
+    # secret), or None: the connector cannot report receipts, its provider's acceptance is all there is.
+    receipt_key: Callable[[dict[str, Any]], str | None] = lambda _config: None
+    # The name of its provider's receipts under /api/webhooks/<name>/<connector id>, when it sends any.
+    receipts_route: str | None = None
+
+    def callback_url(self, public_base_url: str | None, connector_id: Any, config: dict[str, Any]) -> str | None:
+        """Where its provider reports on this connector's messages, when the service has a public address and
+        the connector can check the reports' signatures."""
+        if not (public_base_url and self.receipts_route and self.receipt_key(config)):
+            return None
+        return f"{public_base_url}/api/webhooks/{self.receipts_route}/{connector_id}"
     # The longest text the provider takes, in UTF-16 code units (how Twilio and Telegram count); None: no limit
     # below the API's own.
     max_text: int | None = None

@@ -150,11 +150,14 @@ def _cut(client: smtplib.SMTP) -> None:
 class EmailProvider(Provider):
     secret_fields = ("password",)
 
-    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
+    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> str | None:
         exchange = Exchange()
+
+        sent_id: list[str | None] = [None]
 
         def deliver(client: smtplib.SMTP, _greeting: str) -> None:
             email = self._build(config["from_address"], destination, message)
+            sent_id[0] = str(email["Message-ID"])[:128]
             # From here the server may take the message; a failure without a refusal may come after it did.
             exchange.request_out = True
             try:
@@ -171,6 +174,7 @@ class EmailProvider(Provider):
                 raise
 
         self._session(config, deliver, exchange)
+        return sent_id[0]
 
     def verify(self, config: dict[str, Any]) -> dict[str, str]:
         details: dict[str, str] = {}

@@ -45,6 +45,16 @@ class SmsConfig(Schema):
         validate=FullMatch(r"^AC[0-9a-fA-F]{32}$", error="Must be a Twilio account SID: AC and 32 hex.")
     )
     from_number = E164(required=True)
+    # The account's Auth Token: with it, Twilio's signed status callbacks can be checked (receipts).
+    auth_token = credential(256, required=False)
+
+
+def receipt_key(config: dict[str, Any]) -> str | None:
+    """What signs Twilio's status callbacks for this account: its Auth Token (given, or the secret of an `AC`
+    SID used as the key); None when only an API key is known, which cannot check them."""
+    if config.get("auth_token"):
+        return str(config["auth_token"])
+    return str(config["api_key_secret"]) if str(config["api_key_sid"]).startswith("AC") else None
 
 
 def mask_phone(number: str) -> str:
@@ -52,14 +62,21 @@ def mask_phone(number: str) -> str:
 
 
 class TwilioSmsProvider(Provider):
-    secret_fields = ("api_key_secret",)
+    secret_fields = ("api_key_secret", "auth_token")
 
-    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
+    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> str | None:
+        from twilio.base import values
+
         client, exchange = self._client(config)
-        self._call(
+        callback = message.status_callback or values.unset
+        sent = self._call(
             exchange,
-            lambda: client.messages.create_async(to=destination, from_=config["from_number"], body=message.text),
+            lambda: client.messages.create_async(
+                to=destination, from_=config["from_number"], body=message.text, status_callback=callback
+            ),
         )
+        sid = getattr(sent, "sid", None)
+        return str(sid)[:128] if sid else None
 
     def verify(self, config: dict[str, Any]) -> dict[str, str]:
         client, exchange = self._client(config)
@@ -164,6 +181,8 @@ CHANNEL = ChannelType(
     recipient_field="phone",
     normalize=e164,
     mask=mask_phone,
+    receipt_key=receipt_key,
+    receipts_route="twilio",
     # Twilio's Messages API refuses a Body over 1,600 characters.
     max_text=1600,
 )

@@ -53,11 +53,12 @@ class TelegramProvider(Provider):
         token = str(config.get("bot_token") or "")
         return [token, token.partition(":")[2]] if token else []
 
-    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
+    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> str | None:
         chat: int | str = int(destination) if destination.lstrip("-").isdigit() else destination
         # One call, no getMe first: Telegram answers sendMessage with 401 for a bad token and 400 for a bad
         # chat, which PTB turns into InvalidToken and BadRequest.
-        self._run(config, lambda bot, limits: bot.send_message(chat_id=chat, text=message.text, **limits))
+        sent = self._run(config, lambda bot, limits: bot.send_message(chat_id=chat, text=message.text, **limits))
+        return str(sent.message_id) if getattr(sent, "message_id", None) is not None else None
 
     def verify(self, config: dict[str, Any]) -> dict[str, str]:
         me = self._run(config, lambda bot, limits: bot.get_me(**limits))

@@ -51,12 +51,21 @@ class WhatsAppConfig(Schema):
     template_language = fields.String(
         validate=FullMatch(r"^[a-z]{2,3}(_[A-Z]{2})?$", error="Must look like en or en_US.")
     )
+    # The Meta app's secret, which signs its webhook calls (receipts), and the token its webhook handshake
+    # must present: both optional, both write-only and sealed.
+    app_secret = credential(256, required=False)
+    webhook_verify_token = credential(256, required=False)
+
+
+def receipt_key(config: dict[str, Any]) -> str | None:
+    """What signs Meta's webhook calls for this number: the app secret, when it is set."""
+    return str(config["app_secret"]) if config.get("app_secret") else None
 
 
 class WhatsAppProvider(Provider):
-    secret_fields = ("access_token",)
+    secret_fields = ("access_token", "app_secret", "webhook_verify_token")
 
-    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> None:
+    def send(self, config: dict[str, Any], destination: str, message: OutgoingMessage) -> str | None:
         payload: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual"}
         payload["to"] = destination.lstrip("+")
         if config.get("template_name"):
@@ -69,15 +78,17 @@ class WhatsAppProvider(Provider):
             payload["type"] = "text"
             payload["text"] = {"preview_url": False, "body": message.text}
 
-        async def post(session: _Session) -> None:
+        async def post(session: _Session) -> str | None:
             answer = await session.request("POST", f"{config['phone_number_id']}/messages", json=payload)
             messages = _json(answer).get("messages")
             if not (isinstance(messages, list) and messages and isinstance(messages[0], dict)):
                 raise DeliveryError(
                     PROVIDER_ERROR, "WhatsApp Cloud API answered 200 without a message id", maybe_sent=True
                 )
+            wamid = messages[0].get("id")
+            return str(wamid)[:128] if isinstance(wamid, str) and wamid else None
 
-        self._run(config, post)
+        return self._run(config, post)
 
     def verify(self, config: dict[str, Any]) -> dict[str, str]:
         async def check(session: _Session) -> dict[str, str]:
@@ -171,6 +182,8 @@ CHANNEL = ChannelType(
     recipient_field="phone",
     normalize=e164,
     mask=mask_phone,
+    receipt_key=receipt_key,
+    receipts_route="whatsapp",
     # The Cloud API takes a text body of at most 4,096 characters.
     max_text=4096,
 )

@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -81,6 +81,7 @@ class Job:
     message_id: uuid.UUID | None = None  # a dispatch attempt's message
     host_id: uuid.UUID | None = None
     queue: str = DISPATCH_QUEUE  # where a dispatch attempt's message takes its next step
+    confirmable: bool = False  # its provider reports receipts the service can check (a message may wait for one)
 
 
 @dataclass(frozen=True)
@@ -143,9 +144,10 @@ def perform(job: Job) -> Outcome:
                 details = provider.verify(job.config)
                 return Outcome(True, CHECK_SUCCESS, delivery_time_ms=elapsed_ms(started), details=details)
             assert job.destination is not None and job.message is not None
-            provider.send(job.config, job.destination, job.message)
+            callback = kind.callback_url(current_app.config["PUBLIC_BASE_URL"], job.connector_id, job.config)
+            sent_id = provider.send(job.config, job.destination, replace(job.message, status_callback=callback))
             done = SUCCESS_MESSAGE if job.kind == TEST else DELIVERED_MESSAGE
-            return Outcome(True, done, delivery_time_ms=elapsed_ms(started))
+            return Outcome(True, done, delivery_time_ms=elapsed_ms(started), provider_message_id=sent_id)
         except DeliveryError as exc:
             masked = kind.mask(job.destination) if job.destination else ""
             # A dispatch's words are the Host's; a test's are ours and public.
@@ -184,6 +186,7 @@ def write_outcome(attempt_id: uuid.UUID, job: Job | None, outcome: Outcome, now:
             finished_at=now or db_now(),
             destination_key_id=None,
             destination_sealed=None,
+            provider_message_id=outcome.provider_message_id,
         )
     )
     if verdict is not None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields, validate
 
-from app.attempts import STATUSES
+from app.attempts import RECEIPTS, STATUSES
 from app.fields import UtcTimestamp
 
 
@@ -55,6 +55,11 @@ class AttemptSchema(Schema):
     delivery_time_ms = fields.Integer(allow_none=True)
     created_at = UtcTimestamp()
     finished_at = UtcTimestamp(allow_none=True)
+    provider_message_id = fields.String(allow_none=True, metadata={"description": "The provider's id of the send"})
+    receipt = fields.String(
+        allow_none=True, metadata={"enum": [*RECEIPTS, None], "description": "What its provider's receipts said"}
+    )
+    receipt_at = UtcTimestamp(allow_none=True)
 
 
 class AttemptListSchema(Schema):

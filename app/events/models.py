@@ -20,6 +20,7 @@ EVENT_TYPES = (
     "message.failed",
     "message.expired",
     "message.unknown",
+    "message.unconfirmed",
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,21 +23,35 @@ from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from app.attempts import FAILED as ATTEMPT_FAILED
-from app.attempts import MESSAGE, UNKNOWN, DeliveryAttempt
+from app.attempts import MESSAGE, RECEIPT_DELIVERED, RECEIPT_READ, RECEIPT_UNDELIVERED, UNKNOWN, DeliveryAttempt
 from app.attempts import SENDING as ATTEMPT_SENDING
+from app.attempts import SENT as SENT_ATTEMPT
 from app.channels import channel
 from app.channels.base import OutgoingMessage
+from app.channels.sms import mask_phone
 from app.connectors.models import Connector
 from app.connectors.service import keyring, open_config
 from app.crypto import Sealed
-from app.deliveries.jobs import MIN_SEND_SECONDS, RECORD_RETRY_SECONDS, Job, Ran, perform, write_outcome
+from app.deliveries.jobs import MESSAGE_LIMIT, MIN_SEND_SECONDS, RECORD_RETRY_SECONDS, Job, Ran, perform, write_outcome
 from app.errors import with_database_retry
 from app.events.service import announce, emit
 from app.extensions import db
-from app.messages.models import DELIVERED, EXPIRED, FAILED, IN_FLIGHT, OTP, QUEUED, RETRYING, SENDING, Message
+from app.messages.models import (
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    IN_FLIGHT,
+    OTP,
+    QUEUED,
+    RETRYING,
+    SENDING,
+    SENT,
+    UNCONFIRMED,
+    Message,
+)
 from app.messages.models import UNKNOWN as MESSAGE_UNKNOWN
 from app.messages.service import advance_queue, attempts_of, candidates, send_queue
-from app.outcomes import PERMANENT, WORKER_ERROR, Outcome
+from app.outcomes import PERMANENT, UNDELIVERED, WORKER_ERROR, Outcome
 from app.outcomes import UNKNOWN as UNKNOWN_CODE
 from app.queues import ADVANCE_MESSAGE, SEND_MESSAGE, nudge
 from app.timeutil import db_now, utcnow
@@ -45,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # A connector that failed for one of these is not tried again for this message: trying again cannot mend it.
 OUT_FOR_GOOD = PERMANENT | {WORKER_ERROR}
+# Receipts that confirm a message asked to be confirmed.
+CONFIRMING = (RECEIPT_DELIVERED, RECEIPT_READ)
 # A round due later than this is left to the sweep: a worker holds a job with a countdown in memory until then.
 MAX_COUNTDOWN_SECONDS = 300.0
 
@@ -159,21 +176,36 @@ def advance(message_id: uuid.UUID) -> Next | None:
         attempt.status, attempt.error_code, attempt.finished_at = UNKNOWN, UNKNOWN_CODE, now
         attempt.message = "the worker stopped during the provider call; the message may have been sent"
     maybe_sent = any(a.status == UNKNOWN for a in attempts)  # a provider may have taken it
+    # Accepted, but not confirmed by a receipt (a message asked to be confirmed); one confirmed ends it.
+    accepted = [a for a in attempts if a.status == SENT_ATTEMPT]
+    confirmed = next((a for a in accepted if a.receipt in CONFIRMING), None)
+    if message.confirm_by and confirmed is not None:
+        _finish(message, DELIVERED, now, via=(confirmed.connector_id, confirmed.connector_type))
+        db.session.commit()
+        announce()
+        return Next(message.id, queue, freed_host=freed)
+    unconfirmed = bool(message.confirm_by and accepted)
     if now >= message.expires_at:
-        _finish(message, MESSAGE_UNKNOWN if maybe_sent else EXPIRED, now)
+        _finish(message, UNCONFIRMED if unconfirmed else MESSAGE_UNKNOWN if maybe_sent else EXPIRED, now)
         db.session.commit()
         announce()
         return Next(message.id, queue, freed_host=freed)
     out = {a.connector_id for a in attempts if a.status == UNKNOWN or a.error_code in OUT_FOR_GOOD}
+    if message.confirm_by:  # a channel that took the message and did not confirm it is not asked again
+        out |= {a.connector_id for a in accepted}
     live = [connector for connector in candidates(message.host_id, message.routes) if connector.id not in out]
     if not live:
+        if unconfirmed:  # every channel tried: a late receipt may still confirm it, until it expires
+            message.status, message.due_at = SENT, message.expires_at
+            db.session.commit()
+            return Next(message.id, queue, look_again_in=(message.due_at - now).total_seconds(), freed_host=freed)
         _finish(message, MESSAGE_UNKNOWN if maybe_sent else FAILED, now)
         db.session.commit()
         announce()
         return Next(message.id, queue, freed_host=freed)
-    if message.due_at is not None and message.due_at > now and message.status in (RETRYING, SENDING):
-        db.session.commit()  # waiting for the next round, or for a send job already queued
-        if message.status == RETRYING:  # a countdown that ran early (a worker's clock ahead): look again then
+    if message.due_at is not None and message.due_at > now and message.status in (RETRYING, SENDING, SENT):
+        db.session.commit()  # waiting for the next round, a receipt, or a send job already queued
+        if message.status != SENDING:  # a countdown that ran early (a worker's clock ahead): look again then
             return Next(message.id, queue, look_again_in=(message.due_at - now).total_seconds())
         return None
     tried = {a.connector_id for a in attempts if a.round == message.round}
@@ -303,6 +335,7 @@ def claim_send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> J
         message_id=message.id,
         host_id=message.host_id,
         queue=advance_queue(message.purpose),
+        confirmable=kind.callback_url(current_app.config["PUBLIC_BASE_URL"], connector.id, config) is not None,
     )
     try:
         db.session.commit()
@@ -314,27 +347,35 @@ def claim_send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> J
     return job
 
 
-def record_send(job: Job, outcome: Outcome) -> bool:
-    """Record a send's outcome and move the message on; True when the message still needs a next step."""
+def record_send(job: Job, outcome: Outcome) -> float | None:
+    """Record a send's outcome and move the message on: None when it needs nothing more (final), else the
+    seconds until its next step is due (0: at once; more: a receipt awaited until then)."""
     now = db_now()
     message = _lock(job.message_id)  # first, as advance does: the same lock order everywhere
     write_outcome(job.attempt_id, job, outcome, now)
     if message is None:  # already final (expired meanwhile, or delivered through another channel)
         db.session.commit()
         announce()
-        return False
+        return None
+    if outcome.success and message.confirm_by and job.confirmable:
+        # Accepted is not confirmed: a receipt must say it reached the phone within `confirm_within`.
+        message.status = SENT
+        message.due_at = min(now + timedelta(seconds=message.confirm_within or 0), message.expires_at)
+        db.session.commit()
+        announce()
+        return (message.due_at - now).total_seconds()
     if outcome.success:
         _finish(message, DELIVERED, now, via=(job.connector_id, job.connector_type))
         db.session.commit()
         announce()
-        return False
+        return None
     message.due_at = now
     if outcome.retry_after:
         hint = now + timedelta(seconds=outcome.retry_after)
         message.not_before = max(message.not_before or hint, hint)
     db.session.commit()
     announce()
-    return True
+    return 0.0
 
 
 def send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> Ran:
@@ -352,14 +393,19 @@ def send(message_id: uuid.UUID, connector_id: uuid.UUID, round_: int) -> Ran:
     outcome = perform(job)
     label = "sent" if outcome.success else str(outcome.error_code)
     try:
-        more = with_database_retry("record", lambda: record_send(job, outcome), seconds=RECORD_RETRY_SECONDS)
+        due_in = with_database_retry("record", lambda: record_send(job, outcome), seconds=RECORD_RETRY_SECONDS)
     except Exception as exc:  # the lease runs out and advance closes the attempt as unknown
         log.error("could not record the outcome of message %s: %s", message_id, type(exc).__name__)
         return Ran(outcome, label, job)
-    if more:
-        nudge(ADVANCE_MESSAGE, str(message_id), queue=job.queue)
-    elif job.host_id is not None:  # the message is final: its place among the Host's sends is free
+    if due_in is None and job.host_id is not None:  # final: its place among the Host's sends is free
         take_next_waiting(job.host_id)
+    elif due_in is not None and due_in <= 0:
+        nudge(ADVANCE_MESSAGE, str(message_id), queue=job.queue)
+    elif due_in is not None:  # waiting for a receipt, which frees its place; the next look is queued
+        if due_in <= MAX_COUNTDOWN_SECONDS:
+            nudge(ADVANCE_MESSAGE, str(message_id), queue=job.queue, countdown=due_in)
+        if job.host_id is not None:
+            take_next_waiting(job.host_id)
     return Ran(outcome, label, job)
 
 
@@ -379,3 +425,61 @@ def due_messages(limit: int = 500) -> list[tuple[uuid.UUID, str]]:
         or_(ranked.c.turn <= _host_concurrency(), ranked.c.purpose == OTP)
     )
     return [(row.id, row.purpose) for row in db.session.execute(query.order_by(ranked.c.due_at).limit(limit))]
+
+
+# Receipts a later one may replace: they only move forward (delivered < read; undelivered only from none).
+_REPLACEABLE = {
+    RECEIPT_UNDELIVERED: (None,),
+    RECEIPT_DELIVERED: (None, RECEIPT_UNDELIVERED),
+    RECEIPT_READ: (None, RECEIPT_UNDELIVERED, RECEIPT_DELIVERED),
+}
+_PHONE_NUMBER = re.compile(r"\+?[0-9][0-9 ()-]{6,}[0-9]")
+
+
+def record_receipt(connector_id: uuid.UUID, provider_message_id: str, receipt: str, detail: str | None) -> bool:
+    """A provider's receipt for what it accepted through this connector (found by the provider's id): recorded on
+    the attempt, forward only. For a message waiting to be confirmed, `delivered` or `read` delivers it and
+    `undelivered` tries the next channel at once. False when no attempt of this connector has that id."""
+    now = db_now()
+    found = db.session.execute(
+        select(DeliveryAttempt.id, DeliveryAttempt.message_id)
+        .where(DeliveryAttempt.connector_id == connector_id, DeliveryAttempt.provider_message_id == provider_message_id)
+        .order_by(DeliveryAttempt.created_at.desc())
+        .limit(1)
+    ).first()
+    if found is None:
+        db.session.rollback()
+        return False
+    message = _lock(found.message_id) if found.message_id is not None else None  # the message first, as ever
+    values: dict[str, Any] = {"receipt": receipt, "receipt_at": now}
+    if receipt == RECEIPT_UNDELIVERED:
+        # The provider's code and words; a number it quotes (the recipient's) is masked.
+        words = _PHONE_NUMBER.sub(lambda number: mask_phone(number.group(0)), (detail or "")[:MESSAGE_LIMIT])
+        values |= {"error_code": UNDELIVERED, "message": f"the provider could not deliver it: {words}".strip(": ")}
+    moved = db.session.execute(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.id == found.id, _receipt_may_become(receipt))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    next_step = False
+    if moved and message is not None and message.confirm_by:
+        if receipt in CONFIRMING:
+            connector_type = db.session.scalar(
+                select(DeliveryAttempt.connector_type).where(DeliveryAttempt.id == found.id)
+            )
+            _finish(message, DELIVERED, now, via=(connector_id, connector_type or ""))
+        elif message.status == SENT:  # the channel it waited on says no: the next one, now
+            message.due_at = now
+            next_step = True
+    db.session.commit()
+    announce()
+    if next_step and message is not None:
+        nudge(ADVANCE_MESSAGE, str(message.id), queue=advance_queue(message.purpose))
+    return True
+
+
+def _receipt_may_become(receipt: str) -> Any:
+    allowed = _REPLACEABLE[receipt]
+    condition = DeliveryAttempt.receipt.in_([value for value in allowed if value is not None])
+    return or_(DeliveryAttempt.receipt.is_(None), condition) if None in allowed else condition

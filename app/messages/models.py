@@ -11,18 +11,22 @@ from app.timeutil import utcnow
 
 # queued -> sending -> delivered | failed | expired | unknown, with retrying between rounds. A message that ends
 # without a delivery but after an attempt the provider may have taken ends `unknown`, not failed or expired:
-# those would say nothing was sent.
-QUEUED, SENDING, RETRYING, DELIVERED, FAILED, EXPIRED, UNKNOWN = (
+# those would say nothing was sent. A message asked to be confirmed waits `sent` after a provider accepted it,
+# until a receipt confirms (delivered) or the next channel is tried; nothing confirmed by its expiry: unconfirmed.
+QUEUED, SENDING, SENT, RETRYING, DELIVERED, FAILED, EXPIRED, UNKNOWN, UNCONFIRMED = (
     "queued",
     "sending",
+    "sent",
     "retrying",
     "delivered",
     "failed",
     "expired",
     "unknown",
+    "unconfirmed",
 )
-IN_FLIGHT = (QUEUED, SENDING, RETRYING)
-FINAL = (DELIVERED, FAILED, EXPIRED, UNKNOWN)
+IN_FLIGHT = (QUEUED, SENDING, SENT, RETRYING)
+FINAL = (DELIVERED, FAILED, EXPIRED, UNKNOWN, UNCONFIRMED)
+CONFIRM_DELIVERED = "delivered"
 STATUSES = (*IN_FLIGHT, *FINAL)
 OTP = "otp"
 PURPOSES = (OTP, "notification", "liveness")
@@ -65,6 +69,10 @@ class Message(db.Model):
     updated_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow, onupdate=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)  # when it reached a final status
+    # Asked of the message: a provider's acceptance is not enough, a receipt must confirm it within
+    # `confirm_within` seconds, or the next channel is tried.
+    confirm_by: Mapped[str | None] = mapped_column(String(16))
+    confirm_within: Mapped[int | None] = mapped_column(Integer)
     delivered_via_connector_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     delivered_via_type: Mapped[str | None] = mapped_column(String(16))
     body_key_id: Mapped[str | None] = mapped_column(String(32))

@@ -6,7 +6,7 @@ from flask import current_app, request
 from flask.views import MethodView
 
 from app.auth import service_required
-from app.errors import IDEMPOTENCY_KEY_REUSED, NO_ROUTE, documents_errors
+from app.errors import CONFIRM_UNAVAILABLE, IDEMPOTENCY_KEY_REUSED, NO_ROUTE, documents_errors
 from app.extensions import Blueprint, limiter
 from app.messages import service
 from app.messages.schemas import (
@@ -41,7 +41,10 @@ class HostMessages(MethodView):
     @blp.arguments(MessageCreateSchema)
     @blp.response(202, MessageSchema, description="Accepted: the message is stored and will be dispatched")
     @blp.alt_response(200, schema=MessageSchema, description="The message this Idempotency-Key already made")
-    @documents_errors(blp, 401, 403, 404, 413, 422, 429, 503, error_codes={422: (NO_ROUTE, IDEMPOTENCY_KEY_REUSED)})
+    @documents_errors(
+        blp, 401, 403, 404, 413, 422, 429, 503,
+        error_codes={422: (NO_ROUTE, IDEMPOTENCY_KEY_REUSED, CONFIRM_UNAVAILABLE)},
+    )  # fmt: skip
     def post(self, headers: dict, data: dict, host_id: uuid.UUID) -> tuple[dict, int]:
         """Deliver a notification or OTP through the Host's connectors, in priority order with fallback
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from app.attempts import RECEIPTS
 from app.attempts import STATUSES as ATTEMPT_STATUSES
 from app.channels import TYPE_NAMES
 from app.channels.telegram import chat_id
@@ -21,7 +22,7 @@ from app.fields import (
     no_nul,
     one_line,
 )
-from app.messages.models import PURPOSES, STATUSES
+from app.messages.models import CONFIRM_DELIVERED, PURPOSES, STATUSES
 
 MIN_EXPIRES_IN, MAX_EXPIRES_IN = 5, 2_592_000
 
@@ -47,6 +48,22 @@ class RecipientSchema(Schema):
     def at_least_one(self, data: dict[str, Any], **kwargs: Any) -> None:
         if not data:
             raise ValidationError("Give at least one of email, phone, telegram_chat_id.", field_name="_schema")
+
+
+class ConfirmSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    by = fields.String(
+        required=True,
+        validate=validate.OneOf([CONFIRM_DELIVERED]),
+        metadata={"description": "delivered: a provider's receipt must say the message reached the recipient"},
+    )
+    within = StrictInteger(
+        load_default=600,
+        validate=validate.Range(15, 86400),
+        metadata={"description": "Seconds to wait for the receipt before the next channel is tried"},
+    )
 
 
 class MessageCreateSchema(Schema):
@@ -75,6 +92,9 @@ class MessageCreateSchema(Schema):
     expires_in = StrictInteger(
         validate=validate.Range(MIN_EXPIRES_IN, MAX_EXPIRES_IN),
         metadata={"description": "Seconds; 600 for otp, 7 days otherwise"},
+    )
+    confirm = fields.Nested(
+        ConfirmSchema, metadata={"description": "Wait for the provider's receipt before giving up a channel"}
     )
 
 
@@ -106,6 +126,14 @@ class MessageAttemptSchema(Schema):
     delivery_time_ms = fields.Integer(allow_none=True)
     started_at = UtcTimestamp(attribute="created_at")
     finished_at = UtcTimestamp(allow_none=True)
+    provider_message_id = fields.String(
+        allow_none=True, metadata={"description": "The provider's id of what it accepted (SID, wamid, message_id)"}
+    )
+    receipt = fields.String(
+        allow_none=True,
+        metadata={"enum": [*RECEIPTS, None], "description": "What the provider's receipts said since: forward only"},
+    )
+    receipt_at = UtcTimestamp(allow_none=True)
 
 
 class MessageSchema(Schema):

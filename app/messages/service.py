@@ -12,6 +12,7 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
+from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -23,7 +24,7 @@ from app.channels.base import text_length
 from app.connectors.models import Connector
 from app.connectors.service import keyring
 from app.crypto import RequestDigest
-from app.errors import IDEMPOTENCY_KEY_REUSED, NO_ROUTE, NotFoundError, UnprocessableError
+from app.errors import CONFIRM_UNAVAILABLE, IDEMPOTENCY_KEY_REUSED, NO_ROUTE, NotFoundError, UnprocessableError
 from app.extensions import db
 from app.messages.models import OTP, QUEUED, Message
 from app.queues import ADVANCE_MESSAGE, DISPATCH_QUEUE, OTP_QUEUE, nudge
@@ -112,6 +113,12 @@ def create_message(host_id: uuid.UUID, key: str, data: dict[str, Any]) -> tuple[
     existing = _existing(host_id, key)
     if existing is not None:
         return _replay(existing, digest)
+    confirm = data.get("confirm")
+    if confirm and not current_app.config["PUBLIC_BASE_URL"]:
+        raise UnprocessableError(
+            "Confirmation needs PUBLIC_BASE_URL: without a public address no provider can send receipts",
+            error_code=CONFIRM_UNAVAILABLE,
+        )
     recipient, channels = data["recipient"], data.get("channels")
     routes, too_long_for = _routes(recipient, channels, data["text"])
     if not candidates(host_id, routes):
@@ -136,6 +143,8 @@ def create_message(host_id: uuid.UUID, key: str, data: dict[str, Any]) -> tuple[
         due_at=now,
         expires_at=now + timedelta(seconds=data.get("expires_in") or DEFAULT_EXPIRES_IN[purpose]),
         created_at=now,
+        confirm_by=confirm["by"] if confirm else None,
+        confirm_within=confirm["within"] if confirm else None,
     )
     body = {
         "subject": data.get("subject") or SUBJECTS[purpose],
